@@ -1,0 +1,177 @@
+"""Typed configuration of every stage, in one place.
+
+One YAML file holds it all (each stage reads its own section); CLI flags override single keys
+by their dotted path (``gate.max_seq_length``). Unknown keys are refused and every value is
+type-checked, so a typo fails at start-up, not after an hour of training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from loraforge.errors import ConfigError
+
+EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    # The embedded default runs everywhere with no download; any local HF model directory works.
+    name: str = EMBEDDED_DEFAULT_MODEL
+
+
+# ---- gate --------------------------------------------------------------------------------
+
+
+class TooShortConfig(_Section):
+    enabled: bool = True
+    # Real instruction data has one-token answers ("1", "True", "Negative"): by default only an
+    # answer without any letter or digit (".", "...", "-") is too short. Raise these for tasks
+    # whose answers must be long.
+    min_chars: int | None = Field(default=None, ge=1)
+    min_words: int | None = Field(default=None, ge=1)
+
+
+class RepetitionConfig(_Section):
+    """Degenerate, looping assistant text. Calibrated on real chat data (see gate/repetition.py).
+
+    Each threshold can be switched off with ``null``.
+    """
+
+    enabled: bool = True
+    # Gopher's n-gram rules were set for web pages of 50+ words; below this many words an answer
+    # is too short for n-gram fractions to mean anything (a 12-word answer repeats "of the").
+    min_words: int = Field(default=60, ge=1)
+    # Fraction of characters inside the most frequent n-gram, n = 2, 3, 4 (Gopher: .20/.18/.16;
+    # on the shared Alpaca answers of 60+ words the maxima are .24/.29/.34, a templated list).
+    top_ngram_char_frac: dict[int, float] | None = Field(
+        default_factory=lambda: {2: 0.35, 3: 0.35, 4: 0.40}
+    )
+    # Fraction of characters inside n-grams that occur more than once, n = 5..10
+    # (Gopher: .15 .. .10). Song choruses, outlines and chord charts repeat legitimately: on the
+    # shared Alpaca answers the 99th percentile is .39 (n=5) and the maximum .58.
+    dup_ngram_char_frac: dict[int, float] | None = Field(
+        default_factory=lambda: {5: 0.65, 6: 0.62, 7: 0.60, 8: 0.58, 9: 0.56, 10: 0.55}
+    )
+    # Fraction of non-trivial lines that repeat an earlier line (Gopher: 0.30).
+    dup_line_frac: float | None = Field(default=0.5, ge=0, le=1)
+    # Minimum non-trivial lines before the duplicate-line rule applies.
+    min_lines: int = Field(default=4, ge=2)
+    # A loop: the same phrase of 1..max_loop_period words repeated back to back loop_repeats
+    # times, spanning at least loop_min_words words ("no, no, no" is fine; a sentence said three
+    # times over is not). Applies at any length: the failure mode of a degenerate model.
+    loop_repeats: int | None = Field(default=3, ge=2)
+    loop_min_words: int = Field(default=12, ge=2)
+    max_loop_period: int = Field(default=32, ge=1)
+    # The same character repeated this many times in a row ("!!!!!!..."), ignoring
+    # whitespace, table and rule characters.
+    char_run: int | None = Field(default=40, ge=2)
+
+
+class SpecialTokenConfig(_Section):
+    enabled: bool = True
+    # Further marker strings to refuse inside message content.
+    extra_markers: list[str] = Field(default_factory=list)
+
+
+class LengthConfig(_Section):
+    enabled: bool = True
+
+
+class DedupConfig(_Section):
+    exact: bool = True
+    near: bool = True
+    # Jaccard similarity of word 5-gram sets above which two samples are near duplicates.
+    near_threshold: float = Field(default=0.85, gt=0, lt=1)
+    # More permutations: a sharper threshold, slower, and num_perm bytes a kept sample to
+    # verify LSH hits. 128 keeps the similarity estimate within about +-0.04.
+    num_perm: int = Field(default=128, ge=16, le=512)
+    shingle_words: int = Field(default=5, ge=1)
+
+
+class EvalOverlapConfig(_Section):
+    # Decontamination is on as soon as eval files are given.
+    files: list[Path] = Field(default_factory=list)
+    ngram: int = Field(default=13, ge=4)
+
+
+PiiKind = Literal["email", "phone", "ip", "api_key"]
+
+
+class PiiConfig(_Section):
+    # off: not checked; flag: kept and listed in kept.jsonl; drop: rejected; redact: replaced.
+    mode: Literal["off", "flag", "drop", "redact"] = "off"
+    kinds: list[PiiKind] = Field(default_factory=lambda: ["email", "phone", "ip", "api_key"])
+
+
+class GateChecksConfig(_Section):
+    empty_response: bool = True
+    too_short: TooShortConfig = Field(default_factory=TooShortConfig)
+    role_order: bool = True
+    special_token: SpecialTokenConfig = Field(default_factory=SpecialTokenConfig)
+    repetition: RepetitionConfig = Field(default_factory=RepetitionConfig)
+    length: LengthConfig = Field(default_factory=LengthConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    eval_overlap: EvalOverlapConfig = Field(default_factory=EvalOverlapConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+
+
+class GateConfig(_Section):
+    # Samples longer than this (rendered with the model's own chat template) are rejected.
+    max_seq_length: int = Field(default=2048, ge=16)
+    # Worker processes; null: one per core. Output order never depends on it.
+    workers: int | None = Field(default=None, ge=1)
+    # Records per work unit sent to a worker: larger amortizes IPC, smaller smooths progress.
+    chunk_size: int = Field(default=256, ge=1)
+    checks: GateChecksConfig = Field(default_factory=GateChecksConfig)
+
+
+class LoraforgeConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{key}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> LoraforgeConfig:
+    """Read the YAML file (if any), apply dotted-key overrides (``None`` values are skipped), validate."""
+    tree: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, gate:, ...)")
+        tree = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, dotted, value)
+    try:
+        return LoraforgeConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{where}: invalid configuration: {problems}") from exc

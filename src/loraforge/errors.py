@@ -1,0 +1,48 @@
+"""The one exception hierarchy of loraforge.
+
+Every error a user can meet is a ``LoraforgeError``; its message says what went wrong, where
+(file, line, field) and what to do. Grouped by how the caller should react::
+
+    LoraforgeError
+    ├── ConfigError            the configuration is invalid: fix the YAML file or the flag
+    ├── ModelError             a model cannot be found or loaded
+    │   └── ModelNotFoundError     a hub id that is not on disk: nothing is downloaded at run time
+    ├── GateError              the data gate could not run
+    │   └── InputError             an input file is missing or unreadable as a whole
+    └── EnvironmentProblem     the environment (versions, GPU, disk) blocks the job
+
+Foreign exceptions are translated into these at the boundary that knows the context, with
+``raise ... from exc`` so the original traceback stays available.
+"""
+
+from __future__ import annotations
+
+
+class LoraforgeError(Exception):
+    """Base class: every error loraforge raises on purpose."""
+
+    exit_code = 2
+
+
+class ConfigError(LoraforgeError):
+    """The configuration is invalid (unknown key, wrong type, value out of range)."""
+
+
+class ModelError(LoraforgeError):
+    """A model or tokenizer cannot be loaded."""
+
+
+class ModelNotFoundError(ModelError):
+    """A model name that is neither a known embedded model nor a local directory."""
+
+
+class GateError(LoraforgeError):
+    """The data gate cannot run."""
+
+
+class InputError(GateError):
+    """An input file is missing or cannot be read as a whole (unknown extension, broken JSON array)."""
+
+
+class EnvironmentProblem(LoraforgeError):
+    """A blocking problem in the environment: versions, GPU, disk."""
