@@ -34,6 +34,15 @@ from loraforge.gate.report import FileStats, GateReport
 from loraforge.gate.verdict import Reason, Reject, Sample
 
 
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def jsonl_line(obj: Any) -> str:
+    """One JSON line, readable (no ASCII escaping) but without the characters that
+    ``str.splitlines`` and some JSONL readers treat as line breaks (they only occur inside strings)."""
+    return json.dumps(obj, ensure_ascii=False, default=str).translate(_LINE_BREAKS)
+
+
 @dataclass(slots=True)
 class Rejected:
     code: Reason
@@ -72,8 +81,10 @@ class SampleGate:
         if record.text is not None:
             try:
                 value = json.loads(record.text)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                return Rejected(Reason.MALFORMED_JSON, f"line {record.line}: {exc}")
+            except json.JSONDecodeError as exc:
+                return Rejected(Reason.MALFORMED_JSON, f"line {record.line}, column {exc.colno}: {exc.msg}")
+            except UnicodeDecodeError as exc:
+                return Rejected(Reason.MALFORMED_JSON, f"line {record.line}: not valid UTF-8 at byte {exc.start}")
         messages = normalize(value)
         if isinstance(messages, Reject):
             return Rejected(messages.code, messages.detail)
@@ -90,7 +101,7 @@ class SampleGate:
         exact = exact_key(norm) if dedup.exact else None
         near = self.minhasher.keys(norm) if self.minhasher else None
         self.timings["dedup_keys"] += time.perf_counter() - started
-        line = json.dumps({"messages": sample.messages, "source": sample.source, **sample.meta}, ensure_ascii=False)
+        line = jsonl_line({"messages": sample.messages, "source": sample.source, **sample.meta})
         return Candidate(line, exact, near)
 
     def process_chunk(self, chunk: list[RawRecord]) -> tuple[list[Outcome], dict[str, float]]:
@@ -127,7 +138,7 @@ def _original(record: RawRecord) -> dict[str, Any]:
     try:
         return {"record": json.loads(raw)}
     except json.JSONDecodeError:
-        return {"raw": raw.rstrip("\n")}
+        return {"raw": raw}
 
 
 def _load_eval(files: list[Path], n: int) -> EvalOverlapCheck | None:
@@ -263,7 +274,7 @@ def _record(report, outputs, duplicates, kept_sources, gate, record, outcome) ->
     stats.rejected += 1
     report.count(outcome.code.value, source, outcome.detail)
     row = {"reason": outcome.code.value, "detail": outcome.detail, "source": source, **_original(record)}
-    outputs.rejected.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    outputs.rejected.write(jsonl_line(row) + "\n")
 
 
 class _KeptSources:

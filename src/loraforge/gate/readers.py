@@ -90,7 +90,7 @@ def read_records(path: Path, file_index: int, progress=None) -> Iterator[RawReco
             else:  # JSONL, or a .json file that holds one object per line
                 for number, line in enumerate(stream, start=1):
                     if line.strip():
-                        yield RawRecord(file_index, number, line)
+                        yield RawRecord(file_index, number, line.rstrip(b"\r\n"))
                     if number % 4096 == 0:
                         advance()
                 advance()

@@ -65,6 +65,7 @@ def _convert_embedded(target: Path, with_weights: bool) -> None:
             # make every later from_pretrained look for the GGUF file again.
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
+            model.hf_quantizer = None  # transformers refuses to save a model it thinks is GGUF-quantized
             model.config.name_or_path = EMBEDDED_DEFAULT_MODEL
             model.save_pretrained(staging, safe_serialization=True)
         if target.is_dir():

@@ -1,0 +1,1 @@
+"""Benchmarks of loraforge's stages (``loraforge bench gate``): numbers measured, never assumed."""

@@ -1,0 +1,153 @@
+"""The ``loraforge`` command line: one command per stage, all reading the same YAML config.
+
+Every command takes ``--config FILE``; its flags override single keys of that file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from loraforge.config import EMBEDDED_DEFAULT_MODEL, load_config
+from loraforge.errors import LoraforgeError
+
+app = typer.Typer(
+    help="loraforge: from raw instruction data to a LoRA adapter served in production.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+bench_app = typer.Typer(help="Benchmarks, side by side with the baseline named in their issue.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=False)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (sections model:, gate:, ...).")]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help=f"Embedded '{EMBEDDED_DEFAULT_MODEL}' (default) or a local Hugging Face model directory."),
+]
+
+
+@app.command()
+def gate(
+    inputs: Annotated[list[Path], typer.Argument(help="Input files: .jsonl, .json, .parquet, optionally .gz.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for kept.jsonl, rejected.jsonl, report.json.")],
+    model: ModelOpt = None,
+    max_seq_length: Annotated[Optional[int], typer.Option(help="Reject samples longer than this many tokens.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: one per core).")] = None,
+    eval_file: Annotated[Optional[list[Path]], typer.Option("--eval-file", help="Decontaminate against these eval files (13-gram overlap).")] = None,
+    pii: Annotated[Optional[str], typer.Option(help="PII handling: off, flag, drop or redact.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Clean training data: keep good samples, reject bad ones with a reason.
+
+    Example: [bold]loraforge gate data/train.jsonl more.parquet --out gated/ --max-seq-length 2048[/bold]
+    """
+    from loraforge.gate import run_gate
+    from loraforge.gate.report import render_table
+
+    cfg = load_config(
+        config,
+        {
+            "model.name": model,
+            "gate.max_seq_length": max_seq_length,
+            "gate.workers": workers,
+            "gate.checks.eval_overlap.files": [str(p) for p in eval_file] if eval_file else None,
+            "gate.checks.pii.mode": pii,
+        },
+    )
+    report = run_gate(inputs, out, cfg, show_progress=True)
+    console.print(render_table(report))
+    console.print(f"kept -> {report.outputs['kept']}\nrejected -> {report.outputs['rejected']}\nreport -> {report.outputs['report']}")
+    console.print(f"{report.timings['samples_per_s']:,.0f} samples/s on {int(report.timings['workers'])} workers")
+
+
+@app.command()
+def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False) -> None:
+    """Check the environment a fine-tune depends on; exit 1 on a blocking problem.
+
+    Example: [bold]loraforge doctor[/bold]   or   [bold]loraforge doctor --json[/bold]
+    """
+    from loraforge import doctor as doctor_module
+
+    raise typer.Exit(doctor_module.run(as_json=as_json))
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file to write.")] = Path("demo-out/data.jsonl"),
+    samples: Annotated[int, typer.Option(help="Good samples to generate (bad ones are planted on top).")] = 400,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same file.")] = 0,
+) -> None:
+    """Generate the demo dataset (order sentences -> JSON) with planted bad samples.
+
+    Example: [bold]loraforge demo-data --out demo-out/data.jsonl --samples 400[/bold]
+    """
+    from loraforge.demo.data import write_demo_data
+
+    counts = write_demo_data(out, samples, seed)
+    console.print(f"wrote {out}: {counts['good']} good samples, {counts['planted']} planted bad ones")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for everything the demo writes.")] = Path("demo-out"),
+    model: ModelOpt = None,
+) -> None:
+    """Run the whole pipeline on generated data with the embedded default model.
+
+    Example: [bold]loraforge demo --out demo-out[/bold]
+    """
+    from loraforge.demo.run import run_demo
+
+    run_demo(out, model or EMBEDDED_DEFAULT_MODEL, console)
+
+
+@app.command("model")
+def model_cmd(
+    name: Annotated[str, typer.Argument(help="Model name or local directory.")] = EMBEDDED_DEFAULT_MODEL,
+    weights: Annotated[bool, typer.Option(help="Also prepare the weights, not only the tokenizer.")] = True,
+) -> None:
+    """Prepare a model for offline use and show where it lives (converts the embedded GGUF once).
+
+    Example: [bold]loraforge model smollm2-135m-instruct[/bold]
+    """
+    from loraforge.models import resolve_model
+
+    console.print(f"{name} -> {resolve_model(name, with_weights=weights)}")
+
+
+@bench_app.command("gate")
+def bench_gate_cmd(
+    data: Annotated[Path, typer.Option(help="Alpaca JSON file to replicate.")] = Path("../shared/data/alpaca_cleaned_1000.json"),
+    records: Annotated[int, typer.Option(help="Records after replication.")] = 100_000,
+    workers: Annotated[Optional[int], typer.Option(help="Gate workers (default: one per core).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Work directory.")] = Path("bench-out/gate"),
+    datatrove: Annotated[bool, typer.Option(help="Compare the repetition check with datatrove's GopherRepetitionFilter.")] = True,
+) -> None:
+    """Gate throughput (samples/s per core, all checks on) and the repetition check vs datatrove.
+
+    Example: [bold]loraforge bench gate --records 100000[/bold]
+    """
+    import json
+
+    from loraforge.bench.gate import bench_gate
+
+    result = bench_gate([data], records=records, workers=workers, out_dir=out, with_datatrove=datatrove)
+    console.print_json(json.dumps(result, default=str))
+
+
+def main() -> None:
+    try:
+        app()
+    except LoraforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # plain: paths in messages must not be wrapped
+        raise SystemExit(exc.exit_code) from None
+
+
+if __name__ == "__main__":
+    main()
