@@ -26,7 +26,7 @@ test: install
 
 # Gate throughput and the repetition check vs datatrove (installed only for the benchmark).
 bench-gate: install
-	$(BIN)/python -m pip install -q datatrove
+	$(BIN)/python -m pip install -q datatrove spacy
 	$(BIN)/loraforge bench gate --records 100000 --out bench-out/gate
 
 clean:

@@ -1,6 +1,6 @@
 import random
 
-from loraforge.gate.dedup import DuplicateIndex, KeyIndex, MinHasher, exact_key, lsh_params, normalized_text
+from loraforge.gate.dedup import DuplicateIndex, KeyIndex, MinHasher, exact_key, lsh_params, normalized_text, word_hashes
 from loraforge.gate.verdict import Reason
 
 
@@ -30,7 +30,7 @@ def _index(samples, threshold=0.85):
     verdicts = []
     for i, messages in enumerate(samples):
         norm = normalized_text(messages)
-        keys = exact_key(norm), hasher.keys(norm)
+        keys = exact_key(norm), hasher.keys(word_hashes(norm.split()))
         hit = index.check(*keys)
         verdicts.append(hit)
         if hit is None:

@@ -30,13 +30,54 @@ def normalized_text(messages: list[dict[str, str]]) -> str:
     """Case, accents of compatibility forms, whitespace and punctuation do not make a sample new."""
     parts = []
     for m in messages:
-        text = unicodedata.normalize("NFKC", m["content"]).casefold()
+        text = m["content"]
+        # NFKC and casefold are identities on ASCII beyond lower(): skip the costly calls
+        text = text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()
         parts.append(m["role"] + ": " + " ".join(_WORD.findall(text)))
     return "\n".join(parts)
 
 
 def exact_key(norm: str) -> int:
     return xxhash.xxh3_64_intdigest(norm.encode("utf-8"))
+
+
+class _WordHashes(dict):
+    """word -> stable 64-bit hash, memoized: ``map(cache.__getitem__, words)`` runs in C for known words."""
+
+    def __missing__(self, word: str) -> int:
+        if len(self) > 2_000_000:
+            self.clear()
+        value = self[word] = xxhash.xxh3_64_intdigest(word.encode("utf-8"))
+        return value
+
+
+_WORD_HASHES = _WordHashes()
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def word_hashes(words: list[str]) -> np.ndarray:
+    return np.fromiter(map(_WORD_HASHES.__getitem__, words), dtype=np.uint64, count=len(words))
+
+
+def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
+    """A hash per word n-gram: a rolling mix of its word hashes (wrapping uint64 arithmetic)."""
+    count = len(hashes) - n + 1
+    if count <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    grams = hashes[:count].copy()
+    for k in range(1, n):
+        grams = grams * _MIX + hashes[k : k + count]
+    return grams
+
+
+def sample_features(sample: Sample) -> tuple[str, list[str], np.ndarray]:
+    """Normalized text, its words and their hashes: computed once, shared by every check that needs them."""
+    cached = sample.cache.get("features")
+    if cached is None:
+        norm = normalized_text(sample.messages)
+        words = norm.split()
+        cached = sample.cache["features"] = (norm, words, word_hashes(words))
+    return cached
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
@@ -66,22 +107,17 @@ class MinHasher:
         self.bands, self.rows = lsh_params(threshold, num_perm)
         self.n = shingle_words
 
-    def signature(self, norm: str) -> np.ndarray:
-        words = norm.split()
-        word_hashes = np.fromiter((xxhash.xxh3_64_intdigest(w.encode()) for w in words), dtype=np.uint64, count=len(words))
-        if len(word_hashes) >= self.n:
-            # shingle hash = a rolling mix of the n word hashes (wrapping uint64 arithmetic)
-            shingles = word_hashes[: len(word_hashes) - self.n + 1].copy()
-            for k in range(1, self.n):
-                shingles = shingles * np.uint64(0x9E3779B97F4A7C15) + word_hashes[k : len(word_hashes) - self.n + 1 + k]
-        else:
-            shingles = word_hashes[:1] if len(word_hashes) else np.zeros(1, dtype=np.uint64)
+    def signature(self, hashes: np.ndarray) -> np.ndarray:
+        """MinHash of the word ``n``-gram shingles, from the words' hashes."""
+        shingles = ngram_hashes(hashes, self.n)
+        if not len(shingles):  # fewer words than a shingle: the whole text is one shingle
+            shingles = ngram_hashes(hashes, len(hashes)) if len(hashes) else np.zeros(1, dtype=np.uint64)
         # universal hashing a*x+b, wrapping mod 2^64; the high bits decide the minimum
         return (shingles[:, None] * self.a[None, :] + self.b[None, :]).min(axis=0)
 
-    def keys(self, norm: str) -> tuple[list[int], bytes]:
-        """LSH band keys, and the low byte of every minimum (b-bit MinHash, b = 8) to verify a hit."""
-        sig = self.signature(norm)
+    def keys(self, hashes: np.ndarray) -> tuple[list[int], bytes]:
+        """LSH band keys, and the top byte of every minimum (b-bit MinHash, b = 8) to verify a hit."""
+        sig = self.signature(hashes)
         banded = sig[: self.bands * self.rows].reshape(self.bands, self.rows)
         bands = [xxhash.xxh3_64_intdigest(band.tobytes(), seed=i) for i, band in enumerate(banded)]
         return bands, (sig >> np.uint64(56)).astype(np.uint8).tobytes()
@@ -179,10 +215,6 @@ class DuplicateIndex:
                 self.near.add(key, ordinal)
 
 
-def ngram_keys(norm_words: list[str], n: int) -> set[int]:
-    return {xxhash.xxh3_64_intdigest(" ".join(norm_words[i : i + n]).encode()) for i in range(len(norm_words) - n + 1)}
-
-
 class EvalOverlapCheck:
     """Reject a sample sharing any word ``n``-gram (default 13, as in GPT-3's decontamination) with eval data."""
 
@@ -190,14 +222,17 @@ class EvalOverlapCheck:
 
     def __init__(self, eval_messages: list[list[dict[str, str]]], n: int):
         self.n = n
-        self.keys: set[int] = set()
-        for messages in eval_messages:
-            self.keys |= ngram_keys(normalized_text(messages).split(), n)
+        keys = [ngram_hashes(word_hashes(normalized_text(m).split()), n) for m in eval_messages]
+        self.keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.uint64)
 
     def __call__(self, sample: Sample) -> Reject | None:
-        words = normalized_text(sample.messages).split()
-        for i in range(len(words) - self.n + 1):
-            gram = " ".join(words[i : i + self.n])
-            if xxhash.xxh3_64_intdigest(gram.encode()) in self.keys:
-                return Reject(self.code, f"shares the {self.n}-gram {gram!r} with the eval data")
-        return None
+        _, words, hashes = sample_features(sample)
+        grams = ngram_hashes(hashes, self.n)
+        if not len(grams) or not len(self.keys):
+            return None
+        slots = np.searchsorted(self.keys, grams).clip(max=len(self.keys) - 1)
+        hits = np.flatnonzero(self.keys[slots] == grams)
+        if not len(hits):
+            return None
+        i = int(hits[0])
+        return Reject(self.code, f"shares the {self.n}-gram {' '.join(words[i : i + self.n])!r} with the eval data")

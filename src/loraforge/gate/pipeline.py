@@ -27,7 +27,7 @@ from typing import Any
 from loraforge.config import GateConfig, LoraforgeConfig
 from loraforge.errors import GateError
 from loraforge.gate.checks import Check, build_checks
-from loraforge.gate.dedup import DuplicateIndex, EvalOverlapCheck, MinHasher, exact_key, normalized_text
+from loraforge.gate.dedup import DuplicateIndex, EvalOverlapCheck, MinHasher, exact_key, sample_features
 from loraforge.gate.normalize import normalize
 from loraforge.gate.readers import RawRecord, check_inputs, read_records, sha256_of
 from loraforge.gate.report import FileStats, GateReport
@@ -40,7 +40,10 @@ _LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": 
 def jsonl_line(obj: Any) -> str:
     """One JSON line, readable (no ASCII escaping) but without the characters that
     ``str.splitlines`` and some JSONL readers treat as line breaks (they only occur inside strings)."""
-    return json.dumps(obj, ensure_ascii=False, default=str).translate(_LINE_BREAKS)
+    line = json.dumps(obj, ensure_ascii=False, default=str)
+    if "\u2028" in line or "\u2029" in line or "\x85" in line:  # rare: skip the slow translate
+        line = line.translate(_LINE_BREAKS)
+    return line
 
 
 @dataclass(slots=True)
@@ -97,9 +100,10 @@ class SampleGate:
                 return Rejected(verdict.code, verdict.detail)
         started = time.perf_counter()
         dedup = self.cfg.checks.dedup
-        norm = normalized_text(sample.messages) if (dedup.exact or dedup.near) else ""
+        if dedup.exact or dedup.near:
+            norm, _, hashes = sample_features(sample)
         exact = exact_key(norm) if dedup.exact else None
-        near = self.minhasher.keys(norm) if self.minhasher else None
+        near = self.minhasher.keys(hashes) if self.minhasher else None
         self.timings["dedup_keys"] += time.perf_counter() - started
         line = jsonl_line({"messages": sample.messages, "source": sample.source, **sample.meta})
         return Candidate(line, exact, near)

@@ -48,8 +48,9 @@ def words_of(text: str) -> list[str]:
 
 def longest_loop(words: list[str], min_repeats: int, max_period: int) -> Loop | None:
     """The back-to-back repeated phrase covering the most words (at least ``min_repeats`` times)."""
-    # A loop spanning 12+ words repeats some 4-gram; nearly all text has none (checked in C).
-    grams = list(zip(words, words[1:], words[2:], words[3:]))
+    # A loop of 3+ repeats spanning 12+ words has its first span - period >= 8 words again one
+    # period later: some 8-gram occurs twice. Most text has none (checked in C).
+    grams = list(zip(*(words[i:] for i in range(8))))
     if len(set(grams)) == len(grams):
         return None
     frequent = {w for w, c in Counter(words).items() if c >= min_repeats}
@@ -120,6 +121,13 @@ _CHAR_RUN_CACHE: dict[int, re.Pattern] = {}
 
 def char_run(text: str, length: int) -> re.Match | None:
     """The first run of one (non rule) character ``length`` times or more."""
+    # A run of 2k characters covers a whole aligned window [m, m + k) with m a multiple of k:
+    # test three points of every aligned window in C first, and search only if one is constant.
+    step = length // 2
+    if step >= 3 and not any(
+        a == b == c for a, b, c in zip(text[::step], text[step // 2 :: step], text[step - 1 :: step])
+    ):
+        return None
     pattern = _CHAR_RUN_CACHE.get(length)
     if pattern is None:
         rule = re.escape(_RULE_CHARS)

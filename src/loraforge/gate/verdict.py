@@ -39,6 +39,8 @@ class Sample:
     source: dict[str, Any]
     # Facts later stages use (num_tokens) or people audit (pii found): written to kept.jsonl.
     meta: dict[str, Any] = field(default_factory=dict)
+    # Derived values shared between checks (normalized text, word hashes); never written.
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def turns(self, role: str) -> list[str]:
         return [m["content"] for m in self.messages if m["role"] == role]

@@ -25,7 +25,7 @@ _PROBES = [
 class ChatRenderer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.count_tokens = TokenCounter(tokenizer)
         self._compiled = None
         self._context = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         try:
@@ -55,7 +55,118 @@ class ChatRenderer:
 
 
 
-    def count_tokens(self, text: str) -> int:
-        if self.backend is not None:  # the Rust tokenizer, without the Python wrapper's overhead
+
+
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by every byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+class TokenCounter:
+    """Exact token counts for byte-level BPE tokenizers, several times faster than encoding.
+
+    Such a tokenizer splits text at added tokens, splits the rest with one regex into
+    pre-tokens and runs BPE on each pre-token alone, so a pre-token's count never depends on
+    its neighbours: we split with the same regex (Python's ``regex`` module) and cache the
+    count per pre-token. Measured on the shared Alpaca answers on this 2-core machine: full
+    encoding ~0.47 ms a sample, ``encode_batch_fast`` ~0.28 ms, this ~0.05 ms. Any other
+    tokenizer kind, or a difference from full encoding on the first ``verify_first`` texts,
+    falls back to full encoding for good.
+    """
+
+    def __init__(self, tokenizer, verify_first: int = 64, max_cache: int = 1_000_000):
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.cache: dict[str, int] = {}
+        self.max_cache = max_cache
+        self.to_verify = verify_first
+        self.split = self._pre_tokenizer_regex()
+        self.fast = self.split is not None
+        if self.fast:
+            import regex
+
+            self.bytes_map = _byte_level_alphabet()
+            added = sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+            self.added = regex.compile("(" + "|".join(map(regex.escape, added)) + ")") if added else None
+
+    def _pre_tokenizer_regex(self):
+        import json
+
+        import regex
+
+        if self.backend is None or self.backend.normalizer is not None:
+            return None
+        spec = json.loads(self.backend.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        if any(t.get("lstrip") or t.get("rstrip") or t.get("normalized") or t.get("single_word") for t in spec.get("added_tokens", [])):
+            return None
+        if (spec.get("model") or {}).get("type") != "BPE":
+            return None
+        if pre.get("type") == "ByteLevel" and pre.get("use_regex") and not pre.get("add_prefix_space"):
+            return regex.compile(_GPT2_SPLIT)
+        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+        if (
+            len(steps) == 2
+            and steps[0].get("type") == "Split"
+            and steps[0].get("behavior") == "Isolated"
+            and not steps[0].get("invert")
+            and "Regex" in (steps[0].get("pattern") or {})
+            and steps[1].get("type") == "ByteLevel"
+            and not steps[1].get("use_regex")
+            and not steps[1].get("add_prefix_space")
+        ):
+            return regex.compile(steps[0]["pattern"]["Regex"])
+        return None
+
+    def exact(self, text: str) -> int:
+        if self.backend is not None:
             return len(self.backend.encode(text, add_special_tokens=False))
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _count(self, piece: str) -> int:
+        if len(self.cache) >= self.max_cache:
+            self.cache.clear()
+        mapped = "".join(self.bytes_map[b] for b in piece.encode("utf-8"))
+        count = self.cache[piece] = len(self.backend.model.tokenize(mapped))
+        return count
+
+    def _fast(self, text: str) -> int:
+        parts = self.added.split(text) if self.added else [text]
+        n = len(parts) // 2  # the odd parts are added tokens: one token each
+        cache, findall, count = self.cache, self.split.findall, self._count
+        for part in parts[::2]:
+            known = cache.get(part)  # template boilerplate between special tokens recurs in every sample
+            if known is not None:
+                n += known
+                continue
+            part_count = 0
+            for piece in findall(part):
+                c = cache.get(piece)
+                part_count += c if c is not None else count(piece)
+            if len(part) < 256:
+                cache[part] = part_count
+            n += part_count
+        return n
+
+    def __call__(self, text: str) -> int:
+        if not self.fast:
+            return self.exact(text)
+        n = self._fast(text)
+        if self.to_verify > 0:
+            self.to_verify -= 1
+            exact = self.exact(text)
+            if n != exact:
+                self.fast = False
+                return exact
+        return n
