@@ -66,6 +66,84 @@ def gate(
     console.print(f"{report.timings['samples_per_s']:,.0f} samples/s on {int(report.timings['workers'])} workers")
 
 
+def _parse_sets(sets: list[str] | None) -> dict:
+    """--set key.path=value pairs; values are parsed as YAML (numbers, booleans, null, lists)."""
+    import yaml
+
+    from loraforge.errors import ConfigError
+
+    out = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lora.r=32")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config file.", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Training data: gate output (kept.jsonl) or any raw file the gate reads.")] = None,
+    model: ModelOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps to run.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank.")] = None,
+    quantization: Annotated[Optional[str], typer.Option(help="nf4 for QLoRA (CUDA only).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT while training.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set train.lora.alpha=64 (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Run the preflight checks only and print them.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
+) -> None:
+    """Train a LoRA / QLoRA adapter on gated data (raw data is gated first).
+
+    Example: [bold]loraforge train --data gated/kept.jsonl --out runs/orders --max-steps 200[/bold]
+    """
+    from rich.table import Table
+
+    from loraforge.train.recipe import train as run_train
+
+    overrides = {
+        "model.name": model, "train.data": str(data) if data else None, "train.out": str(out) if out else None,
+        "train.max_steps": max_steps, "train.lr": lr, "train.lora.r": rank, "train.quantization": quantization,
+        "train.metrics_port": metrics_port, **_parse_sets(set_),
+    }
+    cfg = load_config(config, overrides)
+    result = run_train(cfg, resume=resume, dry_run=dry_run)
+    table = Table(title="preflight")
+    for column in ("level", "check", "finding", "fix"):
+        table.add_column(column, overflow="fold")
+    colors = {"ok": "green", "warn": "yellow", "block": "red"}
+    for f in result.findings:
+        table.add_row(f"[{colors[f.level]}]{f.level}[/]", f.check, f.message, f.fix)
+    console.print(table)
+    if dry_run:
+        if any(f.level == "block" for f in result.findings):
+            raise typer.Exit(1)
+        return
+    m = result.metrics
+    console.print(
+        f"{result.status}: {result.steps} steps, train loss {m.get('train_loss')}, eval loss {m.get('eval_loss')}, "
+        f"{m.get('tokens_per_s', 0):,.0f} tokens/s\nadapter -> {result.run_dir / 'adapter'}\nloss curve -> {result.run_dir / 'loss.png'}"
+    )
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (or its adapter/ folder).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the merged model.")],
+    dtype: Annotated[str, typer.Option(help="auto, bf16 or fp32 (never 4-bit).")] = "auto",
+) -> None:
+    """Merge an adapter into full safetensors weights that plain transformers loads.
+
+    Example: [bold]loraforge merge runs/orders --out merged/orders[/bold]
+    """
+    from loraforge.train.merge import merge as run_merge
+
+    console.print(f"merged model -> {run_merge(run_dir, out, dtype)}")
+
+
 @app.command()
 def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False) -> None:
     """Check the environment a fine-tune depends on; exit 1 on a blocking problem.

@@ -133,9 +133,69 @@ class GateConfig(_Section):
     checks: GateChecksConfig = Field(default_factory=GateChecksConfig)
 
 
+# ---- train -------------------------------------------------------------------------------
+
+
+class LoraSection(_Section):
+    """out = W x + (alpha / r) * B(A(x)); B starts at zero, so step 0 is the base model."""
+
+    # Higher rank: more capacity, more memory. 8-64 covers style and structure tasks.
+    r: int = Field(default=16, ge=1)
+    # A scale, not a shape: any value is accepted; alpha / r far outside 1-4 gets a warning.
+    alpha: float = Field(default=32, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    # Module names (q_proj, v_proj, ...) or "all-linear" (every linear layer but the LM head).
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # rsLoRA scales by alpha / sqrt(r): stable at high ranks. DoRA: magnitude/direction split, slower.
+    rslora: bool = False
+    dora: bool = False
+
+
+class TrainConfig(_Section):
+    # Gate output (kept.jsonl) is used as is; any other file is gated in-process first.
+    data: Path | None = None
+    # Held-out data: a file, or else this fraction of the training data (0: no eval).
+    eval_data: Path | None = None
+    eval_fraction: float = Field(default=0.05, ge=0, lt=1)
+    out: Path = Path("runs/latest")
+    max_seq_length: int = Field(default=2048, ge=16)
+    # Packing fills each sequence with several samples (never across max_seq_length, never
+    # attending across sample boundaries). Off: one sample per sequence, padded.
+    packing: bool = True
+    micro_batch_size: int = Field(default=4, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    # Stop after max_steps optimizer steps if set, else after `epochs` passes over the data.
+    max_steps: int | None = Field(default=None, ge=1)
+    epochs: float = Field(default=1.0, gt=0)
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+    lora: LoraSection = Field(default_factory=LoraSection)
+    # nf4: QLoRA, 4-bit NF4 base weights via bitsandbytes (CUDA only), double quant, bf16 compute.
+    quantization: Literal["nf4"] | None = None
+    # auto: bf16 on GPUs that support it, fp32 on CPU.
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    # Recompute activations in backward: ~30% slower, much less activation memory. auto: on GPU.
+    gradient_checkpointing: bool | None = None
+    # Liger kernels and the like, when installed (GPU only). False switches them off.
+    accelerations: bool = True
+    checkpoint_every: int = Field(default=50, ge=1)
+    eval_every: int = Field(default=50, ge=1)
+    # Stop when eval loss has not improved for this many evaluations (null: never).
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    # Stop when the loss exceeds spike_factor x its running average (after spike_warmup steps).
+    spike_factor: float = Field(default=4.0, gt=1)
+    spike_warmup: int = Field(default=10, ge=1)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
+
 class LoraforgeConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

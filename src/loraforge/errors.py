@@ -9,6 +9,11 @@ Every error a user can meet is a ``LoraforgeError``; its message says what went 
     │   └── ModelNotFoundError     a hub id that is not on disk: nothing is downloaded at run time
     ├── GateError              the data gate could not run
     │   └── InputError             an input file is missing or unreadable as a whole
+    ├── TrainError             training cannot start or had to stop
+    │   ├── PreflightError         a check before training found a run-wasting problem
+    │   ├── TrainingDiverged       NaN / inf loss or a loss spike: the last good weights are kept
+    │   └── OutOfMemory            the run does not fit: says which setting to lower
+    ├── TemplateError          a chat template that cannot be trained on (rewrites earlier turns)
     └── EnvironmentProblem     the environment (versions, GPU, disk) blocks the job
 
 Foreign exceptions are translated into these at the boundary that knows the context, with
@@ -46,3 +51,23 @@ class InputError(GateError):
 
 class EnvironmentProblem(LoraforgeError):
     """A blocking problem in the environment: versions, GPU, disk."""
+
+
+class TrainError(LoraforgeError):
+    """Training cannot start, or had to stop."""
+
+
+class PreflightError(TrainError):
+    """A preflight check found a problem that would waste the run."""
+
+
+class TrainingDiverged(TrainError):
+    """The loss became NaN / inf or spiked; training stopped with the last good weights saved."""
+
+
+class OutOfMemory(TrainError):
+    """The run does not fit in memory; the message names the setting to lower."""
+
+
+class TemplateError(LoraforgeError):
+    """A chat template loraforge cannot train on."""

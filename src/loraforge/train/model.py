@@ -1,0 +1,93 @@
+"""Base model + LoRA: device and dtype choice, QLoRA loading, gradient checkpointing, PEFT."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from loraforge.config import TrainConfig
+from loraforge.errors import PreflightError
+
+log = logging.getLogger(__name__)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "fp32":
+        return torch.float32
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if cfg.dtype == "bf16":
+        if device.type == "cuda" and not bf16_ok:
+            raise PreflightError("train.dtype is bf16 but this GPU does not support bf16: set train.dtype: fp32")
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_ok else torch.float32
+
+
+def load_base(model_dir, cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if cfg.quantization == "nf4":
+        if device.type != "cuda":
+            raise PreflightError("QLoRA (train.quantization: nf4) needs a CUDA GPU; on CPU leave train.quantization unset")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if cfg.quantization is None:
+        model.to(device)
+    return model
+
+
+def apply_accelerations(model, cfg: TrainConfig, device: torch.device) -> list[str]:
+    """Switch on installed GPU kernels (Liger) unless train.accelerations is false."""
+    if not cfg.accelerations or device.type != "cuda":
+        return []
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return []
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    return ["liger: rope, rms_norm, swiglu"]
+
+
+def wrap_lora(model, cfg: TrainConfig, checkpointing: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = cfg.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.rslora,
+        use_dora=lora.dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_config)
+    model.train()  # from_pretrained returns eval mode, which silently disables checkpointing
+    return model
+
+
+def linear_module_names(model) -> set[str]:
+    """Short names of the linear layers LoRA can target (q_proj, ..., not lm_head)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            short = name.rsplit(".", 1)[-1]
+            if short != "lm_head":
+                names.add(short)
+    return names

@@ -1,0 +1,145 @@
+"""Checks before every training run (and all ``--dry-run`` does): each a small named function.
+
+A ``block`` finding stops the run with what to change; ``warn`` is shown and the run goes on.
+Model facts come from a weightless (meta-device) copy of the architecture, so preflight takes
+seconds even for an 8B model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from loraforge.config import LoraSection, TrainConfig
+
+GiB = 1024**3
+
+
+@dataclass
+class Finding:
+    level: str  # ok | warn | block
+    check: str
+    message: str
+    fix: str = ""
+
+
+def meta_model(model_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_target_modules(linear_names: set[str], lora: LoraSection) -> Finding:
+    if lora.target_modules == "all-linear":
+        return Finding("ok", "target_modules", f"all-linear: {', '.join(sorted(linear_names))}")
+    missing = [m for m in lora.target_modules if m not in linear_names]
+    if missing:
+        return Finding(
+            "block", "target_modules", f"not linear layers of this model: {', '.join(missing)}",
+            f"use names from: {', '.join(sorted(linear_names))}, or train.lora.target_modules: all-linear",
+        )
+    return Finding("ok", "target_modules", ", ".join(lora.target_modules))
+
+
+def check_alpha(lora: LoraSection) -> Finding:
+    ratio = lora.alpha / (math.sqrt(lora.r) if lora.rslora else lora.r)
+    scale = f"alpha / {'sqrt(r)' if lora.rslora else 'r'} = {ratio:g}"
+    if 1 <= ratio <= 4:
+        return Finding("ok", "alpha", scale)
+    fix = "alpha is a scale: usual values give alpha / r between 1 and 4"
+    if lora.r >= 64 and not lora.rslora:
+        fix += "; at high ranks consider train.lora.rslora: true (scales by alpha / sqrt(r))"
+    return Finding("warn", "alpha", f"{scale}, outside the usual 1-4: updates are {'damped' if ratio < 1 else 'amplified'}", fix)
+
+
+def check_learning_rate(cfg: TrainConfig) -> Finding:
+    high = 5e-4 if cfg.quantization else 1e-3
+    if cfg.lr > high:
+        return Finding(
+            "warn", "learning_rate", f"lr {cfg.lr:g} is high for {'QLoRA' if cfg.quantization else 'LoRA'} (usual 1e-4 to {high:g})",
+            "lower train.lr; 4-bit base weights amplify instability" if cfg.quantization else "lower train.lr",
+        )
+    if cfg.lr < 1e-6:
+        return Finding("warn", "learning_rate", f"lr {cfg.lr:g} is so low the adapter will barely move", "raise train.lr to ~1e-4")
+    return Finding("ok", "learning_rate", f"lr {cfg.lr:g}")
+
+
+def check_quantization(cfg: TrainConfig, device: torch.device) -> Finding:
+    if cfg.quantization is None:
+        return Finding("ok", "quantization", "none (LoRA on full-precision base weights)")
+    if device.type != "cuda":
+        return Finding("block", "quantization", "QLoRA (nf4) needs a CUDA GPU and none is visible", "leave train.quantization unset on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # bitsandbytes raises many kinds of errors when its binary does not load
+        return Finding("block", "quantization", f"bitsandbytes does not load: {exc}", "pip install 'bitsandbytes>=0.45' built for torch's CUDA; see `loraforge doctor`")
+    return Finding("ok", "quantization", "nf4, double quantization, bf16 compute")
+
+
+def check_data(stats: dict) -> Finding:
+    if stats["samples"] == 0:
+        return Finding("block", "data", "no training sample left (all rejected, or no supervised token after truncation)", "check the gate report and train.max_seq_length")
+    message = (
+        f"{stats['samples']} samples, tokens mean {stats['mean_tokens']:.0f} / p95 {stats['p95_tokens']} / max {stats['max_tokens']}, "
+        f"{stats['supervised_tokens']:,} supervised tokens, {stats['rows']} rows, packing efficiency {stats['packing_efficiency']:.0%}"
+    )
+    if stats["truncated"]:
+        return Finding("warn", "data", message + f"; {stats['truncated']} samples truncated to max_seq_length", "raise train.max_seq_length or gate with the same limit")
+    return Finding("ok", "data", message)
+
+
+def estimate_memory(model, cfg: TrainConfig, dtype: torch.dtype, seq_len: int, micro_batch: int, checkpointing: bool) -> dict[str, int]:
+    """Bytes of weights, LoRA + gradients + AdamW state, activations and logits for one micro-batch."""
+    c = model.config
+    h, inter, layers, vocab = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size), c.num_hidden_layers, c.vocab_size
+    kv = h * getattr(c, "num_key_value_heads", c.num_attention_heads) // c.num_attention_heads
+    width = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    params = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    weights = (params - linear) * width + (linear * 0.53 if cfg.quantization else linear * width)  # nf4: 4 bits + scales
+    per_layer_lora = 0
+    targets = None if cfg.lora.target_modules == "all-linear" else set(cfg.lora.target_modules)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head") and (targets is None or name.rsplit(".", 1)[-1] in targets):
+            per_layer_lora += cfg.lora.r * (m.in_features + m.out_features)
+    lora_state = per_layer_lora * 4 * 4  # fp32 weights, gradients, AdamW m and v
+    tokens = micro_batch * seq_len
+    per_token_layer = (8 * h + 2 * kv + 4 * inter) * width  # q/k/v/o and MLP inputs/outputs kept for backward
+    activations = tokens * (layers * 2 * h * width + per_token_layer) if checkpointing else tokens * layers * per_token_layer
+    logits = tokens * vocab * (width + 8)  # model dtype + fp32 copy for the loss + its gradient
+    mask = micro_batch * seq_len * seq_len
+    return {"weights": int(weights), "lora_and_optimizer": int(lora_state), "activations": int(activations), "logits": int(logits), "attention_mask": int(mask)}
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_memory(model, cfg: TrainConfig, dtype, device, seq_len: int, checkpointing: bool) -> tuple[Finding, dict]:
+    parts = estimate_memory(model, cfg, dtype, seq_len, cfg.micro_batch_size, checkpointing)
+    need, have = sum(parts.values()), available_memory(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU RAM"
+    summary = f"~{need / GiB:.1f} GiB needed of {have / GiB:.1f} GiB free on {where} (" + ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items()) + ")"
+    if need <= 0.9 * have:
+        return Finding("ok", "memory", summary), parts
+    options = []
+    for mb in (cfg.micro_batch_size // 2, cfg.micro_batch_size // 4, 1):
+        if 1 <= mb < cfg.micro_batch_size and sum(estimate_memory(model, cfg, dtype, seq_len, mb, checkpointing).values()) <= 0.9 * have:
+            options.append(f"train.micro_batch_size: {mb} (raise train.grad_accum to keep the batch)")
+            break
+    if not checkpointing and sum(estimate_memory(model, cfg, dtype, seq_len, cfg.micro_batch_size, True).values()) <= 0.9 * have:
+        options.append("train.gradient_checkpointing: true")
+    if cfg.quantization is None and device.type == "cuda":
+        quantized = cfg.model_copy(update={"quantization": "nf4"})
+        if sum(estimate_memory(model, quantized, dtype, seq_len, cfg.micro_batch_size, True).values()) <= 0.9 * have:
+            options.append("train.quantization: nf4 with checkpointing (QLoRA)")
+    fix = "; or ".join(options) or "a smaller model, shorter train.max_seq_length, or a larger GPU"
+    return Finding("block", "memory", "does not fit: " + summary, fix), parts

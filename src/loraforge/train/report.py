@@ -1,0 +1,135 @@
+"""What a run leaves behind: metrics.jsonl (+ a Prometheus endpoint), manifest.json, loss.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+
+class MetricsSink:
+    """Every step to metrics.jsonl; with a port, the latest values as Prometheus gauges too."""
+
+    def __init__(self, path: Path, port: int | None, truncate_after: int = 0):
+        self.path = path
+        kept = []
+        if truncate_after and path.exists():  # a resumed run continues the file from its checkpoint
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= truncate_after]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a", encoding="utf-8")
+        self.gauges = _start_prometheus(port) if port else None
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.gauges:
+            self.gauges["loss"].set(record["loss"])
+            self.gauges["lr"].set(record["lr"])
+            self.gauges["grad_norm"].set(record["grad_norm"])
+            self.gauges["tps"].set(record["tokens_per_s"])
+            if "gpu_memory_allocated_bytes" in record:
+                self.gauges["gpu_mem"].set(record["gpu_memory_allocated_bytes"])
+            utilization = _gpu_utilization()
+            if utilization is not None:
+                self.gauges["gpu_util"].set(utilization)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _start_prometheus(port: int) -> dict:
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    registry = CollectorRegistry()
+    gauges = {
+        "loss": Gauge("loraforge_train_loss", "Training loss of the last optimizer step", registry=registry),
+        "lr": Gauge("loraforge_train_learning_rate", "Learning rate of the last step", registry=registry),
+        "grad_norm": Gauge("loraforge_train_grad_norm", "Gradient norm before clipping", registry=registry),
+        "tps": Gauge("loraforge_train_tokens_per_second", "Training throughput of the last step", registry=registry),
+        "gpu_mem": Gauge("loraforge_gpu_memory_allocated_bytes", "Peak GPU memory allocated by PyTorch", registry=registry),
+        "gpu_util": Gauge("loraforge_gpu_utilization_ratio", "GPU utilization (NVML), 0-1", registry=registry),
+    }
+    start_http_server(port, addr="127.0.0.1", registry=registry)
+    return gauges
+
+
+def _gpu_utilization() -> float | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.utilization() / 100  # NVML through pynvml when installed
+    except Exception:  # no NVML: the gauge stays unset
+        return None
+    return None
+
+
+def plot_loss(metrics: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    evals = [r for r in rows if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over supervised tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _sha256(path: Path) -> str:
+    from loraforge.gate.readers import sha256_of
+
+    return sha256_of(path)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_manifest(run, status: str) -> None:
+    import torch
+
+    versions = {}
+    for name in ("loraforge", "torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "liger-kernel"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    hardware = {"device": run.device.type, "dtype": str(run.dtype).removeprefix("torch."), "cpus": os.cpu_count(), "platform": platform.platform()}
+    if run.device.type == "cuda":
+        hardware["gpu"] = torch.cuda.get_device_name(run.device)
+    manifest = {
+        "status": status,
+        "model": run.config.model.name,
+        "model_dir": str(run.model_dir),
+        "config": run.config.model_dump(mode="json"),
+        "data": {"file": str(run.data_file), "sha256": _sha256(run.data_file), **run.data_stats()},
+        "versions": versions,
+        "git_commit": _git_commit(),
+        "hardware": hardware,
+        "accelerations": getattr(run, "accelerations", []),
+        "preflight": [f.__dict__ for f in run.findings],
+        "final_metrics": run.final_metrics(None, None) | _last_losses(run.out / "metrics.jsonl"),
+    }
+    (run.out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def _last_losses(metrics: Path) -> dict:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    return {"train_loss": rows[-1]["loss"] if rows else None, "first_train_loss": rows[0]["loss"] if rows else None, "eval_loss": evals[-1] if evals else None}

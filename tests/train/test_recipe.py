@@ -1,0 +1,193 @@
+"""The recipe on tiny models: normalization, preflight, NaN stop, resume, PEFT, merge."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge.errors import PreflightError, TrainingDiverged
+from loraforge.train.batch import collate, token_loss_sum
+from loraforge.train.data import ChatTokenizer, read_messages
+from loraforge.train.recipe import train
+
+from .conftest import train_config
+
+
+def _grads(model, micro_batches):
+    model.zero_grad()
+    total = sum(b.supervised for b in micro_batches)
+    for b in micro_batches:
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        (token_loss_sum(logits, b.labels) / total).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_accumulation_normalizes_by_all_supervised_tokens(tiny_tokenizer, demo_kept):
+    """Uneven micro-batches (1 row + 3 rows) give the gradient of the whole batch at once."""
+    from loraforge.models import build_tiny_llama
+
+    model, _ = build_tiny_llama(seed=2)
+    tokenize = ChatTokenizer(tiny_tokenizer)
+    samples = [tokenize(m) for m, _ in read_messages(demo_kept)[:4]]
+    samples[0] = tokenize([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}])  # few tokens
+    whole = _grads(model, [collate([[s] for s in samples], 0)])
+    split = _grads(model, [collate([[samples[0]]], 0), collate([[s] for s in samples[1:]], 0)])
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-6)
+    naive_total = None  # what a per-micro-batch mean would give instead: not equal
+    model.zero_grad()
+    for mb in ([samples[0]], samples[1:]):
+        b = collate([[s] for s in mb], 0)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        (token_loss_sum(logits, b.labels) / b.supervised / 2).backward()
+    naive_total = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert not torch.allclose(naive_total, whole, rtol=1e-3)
+
+
+def test_grad_accum_equals_bigger_micro_batch(tiny_model_dir, demo_kept, tmp_path):
+    a = train(train_config(tiny_model_dir, demo_kept, tmp_path / "a", **{"train.micro_batch_size": 1, "train.grad_accum": 2, "train.max_steps": 2}), show_progress=False)
+    b = train(train_config(tiny_model_dir, demo_kept, tmp_path / "b", **{"train.micro_batch_size": 2, "train.grad_accum": 1, "train.max_steps": 2}), show_progress=False)
+    wa = load_file(a.run_dir / "adapter" / "adapter_model.safetensors")
+    wb = load_file(b.run_dir / "adapter" / "adapter_model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6)
+
+
+def test_outputs_and_plain_peft_load(tiny_model_dir, demo_kept, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = train(train_config(tiny_model_dir, demo_kept, tmp_path / "run"), show_progress=False)
+    run = result.run_dir
+    assert result.status == "completed" and result.steps == 4
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/chat_template.jinja", "manifest.json", "metrics.jsonl", "loss.png"):
+        assert (run / name).is_file(), name
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and len(manifest["data"]["sha256"]) == 64
+    assert manifest["versions"]["peft"] and manifest["hardware"]["device"] == "cpu"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(steps[0]) and "eval_loss" in steps[1]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = PeftModel.from_pretrained(base, run / "adapter")  # plain PEFT, no loraforge
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["peft_type"] == "LORA"
+    tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        tuned = peft_model(ids).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(ids).logits
+    assert not torch.allclose(tuned, plain)  # the adapter learned something
+
+
+def test_merge_equals_adapter_outputs(tiny_model_dir, demo_kept, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.train.merge import merge
+
+    run = train(train_config(tiny_model_dir, demo_kept, tmp_path / "run"), show_progress=False).run_dir
+    merged_dir = merge(run, tmp_path / "merged", dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # plain transformers
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not any("lora" in k for k in load_file(merged_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.lora.target_modules": ["q_proj", "qkv"]}, "target_modules: not linear layers of this model: qkv"),
+        ({"train.quantization": "nf4"}, "QLoRA .* needs a CUDA GPU"),
+    ],
+)
+def test_preflight_refuses(tiny_model_dir, demo_kept, tmp_path, overrides, message):
+    with pytest.raises(PreflightError, match=message):
+        train(train_config(tiny_model_dir, demo_kept, tmp_path / "run", **overrides), show_progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()  # nothing was trained
+
+
+def test_preflight_memory_refusal_names_the_fix(demo_kept, tmp_path):
+    """SmolLM2's 49k vocabulary at micro-batch 4096 needs far more than this machine has."""
+    result = train(
+        train_config("smollm2-135m-instruct", demo_kept, tmp_path / "run", **{"train.micro_batch_size": 4096}),
+        dry_run=True, show_progress=False,
+    )
+    (memory,) = [f for f in result.findings if f.check == "memory"]
+    assert memory.level == "block" and "does not fit" in memory.message
+    assert "train.micro_batch_size" in memory.fix
+
+
+def test_alpha_is_a_scale_not_a_shape(tiny_model_dir, demo_kept, tmp_path):
+    result = train(train_config(tiny_model_dir, demo_kept, tmp_path / "r", **{"train.lora.r": 128, "train.lora.alpha": 16}), dry_run=True, show_progress=False)
+    (alpha,) = [f for f in result.findings if f.check == "alpha"]
+    assert alpha.level == "warn" and "rslora" in alpha.fix
+
+
+def test_nan_loss_stops_and_keeps_last_good_adapter(tmp_path, demo_kept):
+    from loraforge.models import build_tiny_llama
+
+    model, tokenizer = build_tiny_llama(seed=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "broken")
+    tokenizer.save_pretrained(tmp_path / "broken")
+    with pytest.raises(TrainingDiverged, match=r"step 1: loss nan.*last good weights.*Likely causes"):
+        train(train_config(tmp_path / "broken", demo_kept, tmp_path / "run"), show_progress=False)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "diverged"
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())  # the bad step was never applied
+
+
+def _cli_train(model_dir, data, out, *extra):
+    args = [sys.executable, "-m", "loraforge.cli", "train", "--model", str(model_dir), "--data", str(data), "--out", str(out),
+            "--max-steps", "24", "--set", "train.checkpoint_every=3", "--set", "train.micro_batch_size=1",
+            "--set", "train.lora.dropout=0.1", "--set", "train.max_seq_length=512", *extra]
+    return args
+
+
+def test_sigkill_and_resume_ends_with_the_same_adapter(tiny_model_dir, demo_kept, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_cli_train(tiny_model_dir, demo_kept, tmp_path / "straight"), check=True, capture_output=True, env=env, timeout=300)
+    victim = subprocess.Popen(_cli_train(tiny_model_dir, demo_kept, tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "killed" / "checkpoints").glob("step-0000006")):
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "adapter").exists()  # it really died mid-run
+    subprocess.run(_cli_train(tiny_model_dir, demo_kept, tmp_path / "killed", "--resume"), check=True, capture_output=True, env=env, timeout=300)
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 25))  # the resumed run continues the metrics without gaps or repeats
+
+
+@pytest.mark.slow
+def test_embedded_default_loss_falls(tmp_path):
+    """A few real steps of SmolLM2-135M on the demo task, on CPU: the loss goes down."""
+    from loraforge.demo.data import write_demo_data
+
+    write_demo_data(tmp_path / "data.jsonl", n=48)
+    config = train_config(
+        "smollm2-135m-instruct", tmp_path / "data.jsonl", tmp_path / "run",
+        **{"train.max_steps": 6, "train.micro_batch_size": 4, "train.max_seq_length": 384, "train.eval_fraction": 0.0, "train.lr": 1e-3},
+    )
+    result = train(config, show_progress=False)
+    losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    print(f"\nembedded default, 6 steps on CPU: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.7 * losses[0]
