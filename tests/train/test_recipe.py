@@ -191,3 +191,36 @@ def test_embedded_default_loss_falls(tmp_path):
     losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     print(f"\nembedded default, 6 steps on CPU: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_early_stopping_on_eval_loss(tiny_model_dir, demo_kept, tmp_path):
+    config = train_config(
+        tiny_model_dir, demo_kept, tmp_path / "run",
+        **{"train.lr": 1e-12, "train.eval_every": 1, "train.early_stopping_patience": 1, "train.max_steps": 10},
+    )
+    result = train(config, show_progress=False)
+    assert result.status == "early_stopped" and result.steps == 2  # no improvement at the 2nd evaluation
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "early_stopped"
+
+
+def test_prometheus_endpoint_during_training(tiny_model_dir, demo_kept, tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = _cli_train(tiny_model_dir, demo_kept, tmp_path / "run", "--metrics-port", str(port))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body, deadline = "", time.time() + 120
+        while time.time() < deadline and "loraforge_train_loss " not in body:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.2)
+        for name in ("loraforge_train_loss", "loraforge_train_learning_rate", "loraforge_train_grad_norm", "loraforge_train_tokens_per_second"):
+            assert f"\n{name} " in body, name
+    finally:
+        proc.kill()
+        proc.wait()

@@ -40,7 +40,7 @@ def build_random_model(arch: str, tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
-def run_case(model_dir: Path, data: Path, out: Path, quantization: str | None, micro_batch: int, steps: int, seq: int) -> dict:
+def run_case(model_dir: Path | str, data: Path, out: Path, quantization: str | None, micro_batch: int, steps: int, seq: int) -> dict:
     import torch
 
     from loraforge.config import load_config
@@ -63,6 +63,7 @@ def run_case(model_dir: Path, data: Path, out: Path, quantization: str | None, m
         "quantization": quantization or "bf16", "steps": result.steps, "micro_batch": micro_batch, "seq": seq,
         "tokens_per_s": round(tokens / seconds, 1), "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "wall_s": round(time.perf_counter() - started, 1),
+        "accelerations": json.loads((out / "manifest.json").read_text())["accelerations"],
     }
 
 
@@ -83,8 +84,9 @@ def main() -> None:
     write_demo_data(data, n=1200)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
     for arch in args.archs.split(","):
-        model_dir = build_random_model(arch, args.tokenizer, args.work / arch)
-        micro_batch = 8 if arch == "smollm2" else 2
+        # "smollm2-real": the embedded default's real weights (converted from its GGUF there)
+        model_dir = "smollm2-135m-instruct" if arch == "smollm2-real" else build_random_model(arch, args.tokenizer, args.work / arch)
+        micro_batch = 2 if arch == "llama3-8b" else 8
         for quantization in (None, "nf4"):
             try:
                 case = run_case(model_dir, data, args.work / f"run-{arch}-{quantization}", quantization, micro_batch, args.steps, 2048)

@@ -54,7 +54,11 @@ def apply_accelerations(model, cfg: TrainConfig, device: torch.device) -> list[s
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
         return []
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    try:
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception as exc:  # an incompatible version must not cost the run: train without it
+        log.warning("Liger kernels are installed but could not be applied (%s); training without them", exc)
+        return [f"liger: not applied ({type(exc).__name__})"]
     return ["liger: rope, rms_norm, swiglu"]
 
 
