@@ -29,7 +29,7 @@ from loraforge.errors import GateError
 from loraforge.gate.checks import Check, build_checks
 from loraforge.gate.dedup import DuplicateIndex, EvalOverlapCheck, MinHasher, exact_key, sample_features
 from loraforge.gate.normalize import normalize
-from loraforge.gate.readers import RawRecord, check_inputs, read_records, sha256_of
+from loraforge.gate.readers import RawRecord, check_inputs, kind_of, read_records, sha256_of
 from loraforge.gate.report import FileStats, GateReport
 from loraforge.gate.verdict import Reason, Reject, Sample
 
@@ -70,14 +70,15 @@ class SampleGate:
     def __init__(self, cfg: GateConfig, tokenizer, paths: list[str], eval_overlap: EvalOverlapCheck | None):
         self.cfg = cfg
         self.paths = paths
+        # where a record sits: a line in JSON files, a row in Parquet files
+        self.locators = ["row" if kind_of(Path(p)) == "parquet" else "line" for p in paths]
         self.checks: list[Check] = build_checks(cfg, tokenizer, eval_overlap)
         dedup = cfg.checks.dedup
         self.minhasher = MinHasher(dedup.num_perm, dedup.near_threshold, dedup.shingle_words) if dedup.near else None
         self.timings: Counter[str] = Counter()
 
     def source(self, record: RawRecord) -> dict[str, Any]:
-        key = "row" if self.paths[record.file].lower().split(".gz")[0].endswith(".parquet") else "line"
-        return {"file": self.paths[record.file], key: record.line}
+        return {"file": self.paths[record.file], self.locators[record.file]: record.line}
 
     def process(self, record: RawRecord) -> Outcome:
         value = record.value

@@ -106,8 +106,7 @@ class TrainRun:
 
         gate_config = self.config.model_copy(deep=True)
         gate_config.gate.max_seq_length = cfg.max_seq_length
-        report = run_gate([path], self.out / "gate", gate_config, tokenizer=self.tokenizer if hasattr(self, "tokenizer") else None)
-        self._gate_report = report
+        run_gate([path], self.out / "gate", gate_config, tokenizer=self.tokenizer)
         return self.out / "gate" / "kept.jsonl"
 
     def _setup_data(self) -> None:
