@@ -145,6 +145,40 @@ def merge(
 
 
 @app.command()
+def serve(
+    model: ModelOpt = None,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help="NAME=RUN_DIR_OR_ADAPTER_DIR (repeatable).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+    adapter_root: Annotated[Optional[Path], typer.Option(help="Directory POST /v1/adapters may load from.")] = None,
+    config: ConfigOpt = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set serve.max_batch_size=16.")] = None,
+) -> None:
+    """Serve the base model and LoRA adapters behind an OpenAI-compatible API.
+
+    Example: [bold]loraforge serve --adapter orders=runs/orders --port 8000[/bold]
+    (API key: set LORAFORGE_API_KEY; admin key for loading adapters: LORAFORGE_ADMIN_KEY)
+    """
+    from loraforge.errors import ConfigError
+    from loraforge.serve.app import serve as run_server
+
+    adapters = {}
+    for item in adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {item!r}: expected NAME=DIR, e.g. --adapter orders=runs/orders")
+        adapters[name] = path
+    overrides = {
+        "model.name": model, "serve.host": host, "serve.port": port,
+        "serve.adapter_root": str(adapter_root) if adapter_root else None, **_parse_sets(set_),
+    }
+    cfg = load_config(config, overrides)
+    if adapters:
+        cfg.serve.adapters = {**cfg.serve.adapters, **{k: Path(v) for k, v in adapters.items()}}
+    run_server(cfg)
+
+
+@app.command()
 def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False) -> None:
     """Check the environment a fine-tune depends on; exit 1 on a blocking problem.
 

@@ -192,10 +192,36 @@ class TrainConfig(_Section):
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
 
+# ---- serve -------------------------------------------------------------------------------
+
+
+class ServeConfig(_Section):
+    # Loopback unless told otherwise: an inference server is not a public service by default.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # name -> run directory or adapter directory, loaded at start-up
+    adapters: dict[str, Path] = Field(default_factory=dict)
+    # POST /v1/adapters loads only from below this directory (null: loading while serving is off)
+    adapter_root: Path | None = None
+    # Bearer key for every endpoint but /health (null: no authentication); env LORAFORGE_API_KEY
+    api_key: str | None = None
+    # Bearer key for POST/DELETE /v1/adapters (null: those endpoints are off); env LORAFORGE_ADMIN_KEY
+    admin_key: str | None = None
+    # Requests decoded together in one batch: more throughput, more latency per token.
+    max_batch_size: int = Field(default=8, ge=1)
+    # Waiting requests beyond this get 429 with Retry-After instead of unbounded latency.
+    max_queue: int = Field(default=64, ge=1)
+    request_timeout_s: float = Field(default=120, gt=0)
+    max_tokens_limit: int = Field(default=2048, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+
+
 class LoraforgeConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -14,6 +14,8 @@ Every error a user can meet is a ``LoraforgeError``; its message says what went 
     │   ├── TrainingDiverged       NaN / inf loss or a loss spike: the last good weights are kept
     │   └── OutOfMemory            the run does not fit: says which setting to lower
     ├── TemplateError          a chat template that cannot be trained on (rewrites earlier turns)
+    ├── ServeError             the server cannot load what it was asked to serve
+    │   └── AdapterError           an adapter outside the adapter root, not safetensors, unknown
     └── EnvironmentProblem     the environment (versions, GPU, disk) blocks the job
 
 Foreign exceptions are translated into these at the boundary that knows the context, with
@@ -71,3 +73,11 @@ class OutOfMemory(TrainError):
 
 class TemplateError(LoraforgeError):
     """A chat template loraforge cannot train on."""
+
+
+class ServeError(LoraforgeError):
+    """The server cannot start or cannot load what it was asked to."""
+
+
+class AdapterError(ServeError):
+    """An adapter that cannot be loaded: outside the adapter root, not safetensors, malformed."""
