@@ -253,6 +253,34 @@ def bench_gate_cmd(
     console.print_json(json.dumps(result, default=str))
 
 
+@bench_app.command("serve")
+def bench_serve_cmd(
+    model: ModelOpt = None,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help="NAME=DIR (repeatable).")] = None,
+    random_adapters: Annotated[int, typer.Option(help="Make this many random-weight adapters of the model instead.")] = 0,
+    requests: Annotated[int, typer.Option(help="Requests to send.")] = 32,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
+    max_tokens: Annotated[str, typer.Option(help="Output length range MIN,MAX.")] = "16,64",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Work directory.")] = Path("bench-out/serve"),
+) -> None:
+    """Serving throughput, TTFT and TPOT under concurrent load vs one model.generate at a time.
+
+    Example: [bold]loraforge bench serve --random-adapters 2 --requests 32 --concurrency 8[/bold]
+    """
+    import json
+
+    from loraforge.bench.serve import bench_serve, make_random_adapters
+    from loraforge.models import resolve_model
+
+    name = model or EMBEDDED_DEFAULT_MODEL
+    adapters = {k: Path(v) for k, _, v in (a.partition("=") for a in adapter or [])}
+    if random_adapters:
+        adapters |= make_random_adapters(resolve_model(name), out / "adapters", random_adapters)
+    low, high = (int(x) for x in max_tokens.split(","))
+    result = bench_serve(name, adapters, out, requests, concurrency, (low, high))
+    console.print_json(json.dumps(result))
+
+
 def main() -> None:
     try:
         app()

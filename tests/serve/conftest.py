@@ -1,11 +1,6 @@
 """A real `loraforge serve` process on loopback: tiny model, two trained adapters."""
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,22 +8,16 @@ import httpx
 import pytest
 
 from loraforge.config import load_config
+from loraforge.serve.process import ServerProcess
 
 API_KEY, ADMIN_KEY = "test-api-key", "test-admin-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
 class Server:
     url: str
-    proc: subprocess.Popen
+    process: ServerProcess
     adapter_root: Path
-    log: Path
 
     def client(self, key: str | None = API_KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -36,38 +25,18 @@ class Server:
 
 
 def start_server(model_dir, adapters: dict, tmp: Path, *extra: str, api_key=API_KEY) -> Server:
-    port = free_port()
     root = tmp / "adapter-root"
     root.mkdir(exist_ok=True)
-    args = [sys.executable, "-m", "loraforge.cli", "serve", "--model", str(model_dir), "--port", str(port), "--adapter-root", str(root), *extra]
-    for name, path in adapters.items():
-        args += ["--adapter", f"{name}={path}"]
-    env = {**os.environ, "LORAFORGE_API_KEY": api_key or "", "LORAFORGE_ADMIN_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1"}
-    if not api_key:
-        env.pop("LORAFORGE_API_KEY")
-    log = tmp / f"server-{port}.log"
-    proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    server = Server(f"http://127.0.0.1:{port}", proc, root, log)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            if server.client().get("/ready").status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server not ready in time: {log.read_text()[-3000:]}")
+    process = ServerProcess(
+        str(model_dir), adapters, tmp / "server.log", ("--adapter-root", str(root), *extra), ready_timeout=180,
+        api_key=api_key, env={"LORAFORGE_ADMIN_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1"},
+    )
+    process.__enter__()
+    return Server(process.url, process, root)
 
 
 def stop(server: Server) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
+    server.process.__exit__()
 
 
 @pytest.fixture(scope="session")

@@ -51,3 +51,24 @@ def run_demo(out: Path, model: str, console: Console) -> None:
         f"{result.status}: {result.steps} steps, train loss {m['train_loss']:.3f}, eval loss {m['eval_loss']:.3f}, "
         f"{m['tokens_per_s']:,.0f} tokens/s\nadapter -> {result.run_dir / 'adapter'}\nloss curve -> {result.run_dir / 'loss.png'}"
     )
+
+    console.rule("4. serve")
+    ask_through_the_api(model, result.run_dir, out, console)
+
+
+def ask_through_the_api(model: str, run_dir: Path, out: Path, console: Console) -> None:
+    """Start `loraforge serve` with the adapter, ask the base model and the adapter the same question."""
+    import openai
+
+    from loraforge.demo.data import INSTRUCTION
+    from loraforge.serve.process import ServerProcess
+
+    question = f"{INSTRUCTION}\n\nHi, this is Marta from Valencia; I'd like three desk lamps."
+    with ServerProcess(model, {"orders": run_dir}, log=out / "serve.log") as server:
+        console.print(f"serving on {server.url} (log: {out / 'serve.log'})")
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
+        for name in ("base", "orders"):
+            reply = client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
+            )
+            console.print(f"[bold]{name}[/bold]: {reply.choices[0].message.content!r}")
