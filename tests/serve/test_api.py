@@ -1,6 +1,7 @@
 """The server as clients see it: the official openai client, raw HTTP for errors and admin."""
 
 import concurrent.futures as futures
+import time
 import os
 import re
 
@@ -199,3 +200,18 @@ def test_schemathesis_finds_no_server_error(server):
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_generation_stops_when_the_client_disconnects(server):
+    def cancelled() -> float:
+        found = re.findall(r'llm_requests_total\{status="cancelled"\} (\S+)', server.client().get("/metrics").text)
+        return float(found[0]) if found else 0.0
+
+    before = cancelled()
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 64, "temperature": 0.8, "stream": True}
+    with server.client().stream("POST", "/v1/chat/completions", json=body) as response:
+        next(response.iter_lines())  # the first event, then hang up
+    deadline = time.time() + 30
+    while time.time() < deadline and cancelled() <= before:
+        time.sleep(0.1)
+    assert cancelled() > before

@@ -217,12 +217,18 @@ def create_app(config: LoraforgeConfig, load_in_background: bool = True) -> Fast
             if len(gen.generated) > 1:
                 m.tpot.labels(model).observe((time.perf_counter() - gen.first_token_at) / (len(gen.generated) - 1))
 
-    async def collect(gen: GenRequest) -> str:
+    async def collect(gen: GenRequest, request: Request) -> str:
         deadline = state.cfg.request_timeout_s
         try:
             async with asyncio.timeout(deadline):
                 while True:
-                    kind, payload = await gen.events.get()
+                    try:
+                        kind, payload = await asyncio.wait_for(gen.events.get(), 0.5)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            gen.cancelled.set()
+                            raise ApiError(499, "client disconnected", "cancelled") from None
+                        continue
                     if kind == "error":
                         raise ApiError(500, payload, "server_error")
                     if kind == "done":
@@ -257,7 +263,7 @@ def create_app(config: LoraforgeConfig, load_in_background: bool = True) -> Fast
                     data["usage"] = usage
                 return data
             return stream_response(gen, body.model, chunk, first={"role": "assistant", "content": ""}, text_key="content")
-        finish = await collect(gen)
+        finish = await collect(gen, request)
         record_done(gen, body.model)
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": body.model,
@@ -281,7 +287,7 @@ def create_app(config: LoraforgeConfig, load_in_background: bool = True) -> Fast
                     data["usage"] = usage
                 return data
             return stream_response(gen, body.model, chunk, first=None, text_key="text")
-        finish = await collect(gen)
+        finish = await collect(gen, request)
         record_done(gen, body.model)
         return {
             "id": rid, "object": "text_completion", "created": created, "model": body.model,
@@ -297,7 +303,7 @@ def create_app(config: LoraforgeConfig, load_in_background: bool = True) -> Fast
         adapter, tokenizer = state.resolve(model)
         prompt_ids = tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
         gen = await generate(request, body, prompt_ids, adapter, tokenizer, max_tokens, [], None)
-        await collect(gen)
+        await collect(gen, request)
         record_done(gen, model)
         return {"generated_text": gen.text, "model": model, "usage": usage_of(gen)}
 

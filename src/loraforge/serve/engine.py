@@ -167,8 +167,10 @@ class Engine:
         return torch.multinomial(probs, 1, generator=generator)[0]
 
     def _advance(self, r: GenRequest, token: int) -> None:
-        if r.cancelled.is_set():
+        if r.cancelled.is_set():  # the client went away: stop spending compute on it
             r.finish_reason = "cancelled"
+            if self.metrics:
+                self.metrics.requests.labels("cancelled").inc()
             return
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
