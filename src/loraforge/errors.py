@@ -16,6 +16,11 @@ Every error a user can meet is a ``LoraforgeError``; its message says what went 
     ├── TemplateError          a chat template that cannot be trained on (rewrites earlier turns)
     ├── ServeError             the server cannot load what it was asked to serve
     │   └── AdapterError           an adapter outside the adapter root, not safetensors, unknown
+    ├── ClientError            the resilient client could not get an answer
+    │   ├── RequestRejected        the request itself is wrong (a 4xx): never retried, no fallback
+    │   ├── AllRoutesFailed        every route failed; lists each route and why
+    │   ├── DeadlineExceeded       the call's overall deadline passed
+    │   └── StreamInterrupted      a stream failed after its first token (no fallback mid-answer)
     └── EnvironmentProblem     the environment (versions, GPU, disk) blocks the job
 
 Foreign exceptions are translated into these at the boundary that knows the context, with
@@ -81,3 +86,39 @@ class ServeError(LoraforgeError):
 
 class AdapterError(ServeError):
     """An adapter that cannot be loaded: outside the adapter root, not safetensors, malformed."""
+
+
+class ClientError(LoraforgeError):
+    """The resilient client could not get an answer."""
+
+
+class RequestRejected(ClientError):
+    """A server refused the request itself (validation, context too long): fix the request."""
+
+    def __init__(self, message: str, status: int, route: str, body: object = None):
+        super().__init__(message)
+        self.status, self.route, self.body = status, route, body
+
+
+class AllRoutesFailed(ClientError):
+    """Every route failed; ``failures`` maps route name to why."""
+
+    def __init__(self, failures: dict[str, str]):
+        super().__init__("every route failed: " + "; ".join(f"{name}: {why}" for name, why in failures.items()))
+        self.failures = failures
+
+
+class DeadlineExceeded(ClientError):
+    """The call's overall deadline passed before any route answered."""
+
+    def __init__(self, message: str, failures: dict[str, str] | None = None):
+        super().__init__(message)
+        self.failures = failures or {}
+
+
+class StreamInterrupted(ClientError):
+    """A stream failed after its first token: the partial answer cannot be continued elsewhere."""
+
+    def __init__(self, message: str, route: str, partial: str):
+        super().__init__(message)
+        self.route, self.partial = route, partial

@@ -29,9 +29,9 @@ class ServerProcess:
 
     def __init__(
         self, model: str, adapters: dict[str, Path], log: Path, extra: tuple[str, ...] = (), ready_timeout: float = 300,
-        api_key: str | None = "random", env: dict[str, str] | None = None,
+        api_key: str | None = "random", env: dict[str, str] | None = None, port: int | None = None,
     ):
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = secrets.token_urlsafe(16) if api_key == "random" else api_key
         self.env = env or {}
@@ -62,6 +62,12 @@ class ServerProcess:
             time.sleep(0.3)
         self.__exit__()
         raise ServeError(f"the server was not ready within {self.ready_timeout:g} s; see {self.log}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown handlers run."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:

@@ -1,0 +1,329 @@
+"""The resilient client: ordered routes, a breaker each, one deadline, budgeted retries, real fallback.
+
+Layers, one job each (httpx's model): ``AsyncLLMClient`` applies the policy (deadline, retries,
+breakers, fallback, metrics); ``_call_route`` makes one HTTP attempt and classifies its result;
+httpx moves the bytes. ``LLMClient`` is a thin synchronous wrapper: it runs the same async core
+on a private event loop thread, so the logic exists once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from loraforge.client.breaker import BreakerConfig, CircuitBreaker, State
+from loraforge.errors import AllRoutesFailed, DeadlineExceeded, RequestRejected, StreamInterrupted
+
+
+@dataclass(frozen=True)
+class Route:
+    """An endpoint plus a model, with optional prompt shaping for that route."""
+
+    name: str
+    base_url: str  # the server's root, e.g. http://127.0.0.1:8000 (``/v1`` is added)
+    model: str
+    api_key: str | None = None
+    system_prompt: str | None = None  # makes a base model approximate the adapter's behaviour
+    prefix: str | None = None  # prepended to the last user message
+    timeout_s: float = 30.0  # one attempt at most this long (within the call's deadline)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts_per_route: int = 2
+    base_delay_s: float = 0.05
+    max_delay_s: float = 1.0
+    # Retries may add at most this fraction of calls (plus min_retry_tokens), so a failing
+    # service never sees a retry storm.
+    budget_ratio: float = 0.2
+    min_retry_tokens: float = 5.0
+
+
+@dataclass
+class LLMResponse:
+    text: str
+    route: str
+    latency_ms: float
+    tokens_used: int
+    attempts: int
+    failures: dict[str, str] = field(default_factory=dict)  # routes tried before, and why
+
+
+class _Failure(Exception):
+    """One attempt failed in a way that counts against the route (connection, timeout, 5xx, 429)."""
+
+    def __init__(self, why: str, retry_after: float | None = None):
+        super().__init__(why)
+        self.why, self.retry_after = why, retry_after
+
+
+class _RetryBudget:
+    def __init__(self, policy: RetryPolicy):
+        self.policy = policy
+        self.tokens = policy.min_retry_tokens
+        self.lock = threading.Lock()
+
+    def deposit(self) -> None:
+        with self.lock:
+            self.tokens = min(self.tokens + self.policy.budget_ratio, self.policy.min_retry_tokens + 100)
+
+    def withdraw(self) -> bool:
+        with self.lock:
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return True
+            return False
+
+
+class _Metrics:
+    def __init__(self, registry):
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+        registry = registry or REGISTRY
+        self.duration = Histogram("llm_client_request_duration_seconds", "Client call latency per answering route", ["route"], registry=registry)
+        self.requests = Counter("llm_client_requests", "Calls per route and outcome", ["route", "outcome"], registry=registry)
+        self.fallbacks = Counter("llm_fallback", "Fallbacks from one route to the next", ["from_route", "to_route", "reason"], registry=registry)
+        self.circuit = Gauge("llm_circuit_state", "Breaker state: 0 closed, 1 open, 2 half-open", ["route"], registry=registry)
+
+
+def _messages(route: Route, prompt: str | None, messages: list[dict] | None) -> list[dict]:
+    msgs = [dict(m) for m in (messages or [{"role": "user", "content": prompt or ""}])]
+    if route.prefix:
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        msgs[last]["content"] = route.prefix + msgs[last]["content"]
+    if route.system_prompt and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": route.system_prompt})
+    return msgs
+
+
+class AsyncLLMClient:
+    def __init__(self, routes: list[Route], breaker: BreakerConfig | None = None, retry: RetryPolicy | None = None,
+                 deadline_s: float = 30.0, registry=None, transport: httpx.AsyncBaseTransport | None = None, clock=time.monotonic):
+        if not routes:
+            raise ValueError("give at least one route")
+        self.routes = routes
+        self.retry = retry or RetryPolicy()
+        self.deadline_s = deadline_s
+        self.metrics = _Metrics(registry)
+        self.breakers = {r.name: CircuitBreaker(r.name, breaker, clock=clock, on_change=self._state_changed) for r in routes}
+        for r in routes:
+            self.metrics.circuit.labels(r.name).set(0)
+        self.budget = _RetryBudget(self.retry)
+        self.http = httpx.AsyncClient(transport=transport, timeout=None)
+        self.clock = clock
+
+    def _state_changed(self, route: str, state: State) -> None:
+        self.metrics.circuit.labels(route).set(int(state))
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+    # ---- one attempt ---------------------------------------------------------------------
+
+    async def _call_route(self, route: Route, payload: dict, timeout: float) -> dict:
+        headers = {"Authorization": f"Bearer {route.api_key}"} if route.api_key else {}
+        try:
+            response = await asyncio.wait_for(
+                self.http.post(route.base_url.rstrip("/") + "/v1/chat/completions", json={**payload, "model": route.model}, headers=headers),
+                timeout,
+            )
+        except (TimeoutError, asyncio.TimeoutError):
+            raise _Failure(f"timed out after {timeout:.2f} s") from None
+        except httpx.HTTPError as exc:
+            raise _Failure(f"{type(exc).__name__}: {exc}") from None
+        return self._classify(route, response)
+
+    @staticmethod
+    def _classify(route: Route, response: httpx.Response) -> dict:
+        status = response.status_code
+        if status == 200:
+            return response.json()
+        if status == 429 or status >= 500 or status == 408:
+            retry_after = response.headers.get("retry-after")
+            wait = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
+            raise _Failure(f"HTTP {status}", retry_after=wait)
+        try:
+            body = response.json()
+            message = body.get("error", {}).get("message", response.text)
+        except (json.JSONDecodeError, AttributeError):
+            body, message = response.text, response.text
+        raise RequestRejected(f"route {route.name} refused the request: HTTP {status}: {message}", status, route.name, body)
+
+    # ---- the policy ----------------------------------------------------------------------
+
+    async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_tokens: int = 256,
+                       temperature: float = 0.0, deadline_s: float | None = None, **params) -> LLMResponse:
+        started = self.clock()
+        deadline = started + (deadline_s if deadline_s is not None else self.deadline_s)
+        self.budget.deposit()
+        failures: dict[str, str] = {}
+        attempts = 0
+        for index, route in enumerate(self.routes):
+            permit = self.breakers[route.name].acquire()
+            if permit is None:
+                failures[route.name] = "circuit open"
+                self._fallback(index, "circuit_open")
+                continue
+            payload = {"messages": _messages(route, prompt, messages), "max_tokens": max_tokens, "temperature": temperature, **params}
+            for attempt in range(self.retry.attempts_per_route):
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    self.breakers[route.name].release(permit)
+                    raise DeadlineExceeded(f"deadline of {deadline - started:.2f} s passed; tried: {failures or 'nothing'}", failures)
+                attempts += 1
+                t0 = self.clock()
+                try:
+                    body = await self._call_route(route, payload, min(route.timeout_s, remaining))
+                except RequestRejected:
+                    self.breakers[route.name].release(permit)
+                    self.metrics.requests.labels(route.name, "rejected").inc()
+                    raise
+                except _Failure as failure:
+                    self.breakers[route.name].record(permit, ok=False)
+                    self.metrics.requests.labels(route.name, "failure").inc()
+                    failures[route.name] = failure.why
+                    last = attempt == self.retry.attempts_per_route - 1
+                    if last or self.breakers[route.name].state is not State.CLOSED or not self.budget.withdraw():
+                        break
+                    delay = failure.retry_after if failure.retry_after is not None else random.uniform(0, min(self.retry.max_delay_s, self.retry.base_delay_s * 2**attempt))
+                    if self.clock() + delay >= deadline:
+                        break
+                    await asyncio.sleep(delay)
+                    permit = self.breakers[route.name].acquire()
+                    if permit is None:
+                        break
+                    continue
+                latency = self.clock() - t0
+                self.breakers[route.name].record(permit, ok=True, latency_s=latency)
+                self.metrics.requests.labels(route.name, "success").inc()
+                self.metrics.duration.labels(route.name).observe(self.clock() - started)
+                return LLMResponse(
+                    text=body["choices"][0]["message"]["content"], route=route.name, latency_ms=(self.clock() - started) * 1000,
+                    tokens_used=(body.get("usage") or {}).get("total_tokens", 0), attempts=attempts, failures=failures,
+                )
+            self._fallback(index, _reason(failures.get(route.name, "")))
+        if self.clock() >= deadline:
+            raise DeadlineExceeded(f"deadline of {deadline - started:.2f} s passed; tried: {failures}", failures)
+        raise AllRoutesFailed(failures)
+
+    def _fallback(self, index: int, reason: str) -> None:
+        if index + 1 < len(self.routes):
+            self.metrics.fallbacks.labels(self.routes[index].name, self.routes[index + 1].name, reason).inc()
+
+    async def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_tokens: int = 256,
+                     temperature: float = 0.0, deadline_s: float | None = None, **params) -> AsyncIterator[tuple[str, str]]:
+        """(route, text piece) as they arrive. Fallback only before the first piece."""
+        started = self.clock()
+        deadline = started + (deadline_s if deadline_s is not None else self.deadline_s)
+        failures: dict[str, str] = {}
+        for index, route in enumerate(self.routes):
+            permit = self.breakers[route.name].acquire()
+            if permit is None:
+                failures[route.name] = "circuit open"
+                self._fallback(index, "circuit_open")
+                continue
+            payload = {"messages": _messages(route, prompt, messages), "max_tokens": max_tokens, "temperature": temperature, "stream": True, **params}
+            headers = {"Authorization": f"Bearer {route.api_key}"} if route.api_key else {}
+            partial = ""
+            try:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    break
+                async with asyncio.timeout(remaining):
+                    async with self.http.stream("POST", route.base_url.rstrip("/") + "/v1/chat/completions",
+                                                json={**payload, "model": route.model}, headers=headers) as response:
+                        if response.status_code != 200:
+                            await response.aread()
+                            self._classify(route, response)
+                        async for line in response.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[6:])
+                            if "error" in chunk:
+                                raise _Failure(chunk["error"].get("message", "stream error"))
+                            piece = (chunk["choices"][0].get("delta") or {}).get("content") if chunk.get("choices") else None
+                            if piece:
+                                partial += piece
+                                yield route.name, piece
+                self.breakers[route.name].record(permit, ok=True, latency_s=self.clock() - started)
+                self.metrics.requests.labels(route.name, "success").inc()
+                return
+            except RequestRejected:
+                self.breakers[route.name].release(permit)
+                raise
+            except (_Failure, httpx.HTTPError, TimeoutError) as exc:
+                self.breakers[route.name].record(permit, ok=False)
+                self.metrics.requests.labels(route.name, "failure").inc()
+                why = exc.why if isinstance(exc, _Failure) else f"{type(exc).__name__}: {exc}"
+                if partial:
+                    raise StreamInterrupted(f"route {route.name} failed after part of the answer: {why}", route.name, partial) from None
+                failures[route.name] = why
+                self._fallback(index, _reason(why))
+        if self.clock() >= deadline:
+            raise DeadlineExceeded(f"deadline passed; tried: {failures}", failures)
+        raise AllRoutesFailed(failures)
+
+
+def _reason(why: str) -> str:
+    if "circuit" in why:
+        return "circuit_open"
+    if "timed out" in why or "Timeout" in why:
+        return "timeout"
+    if why.startswith("HTTP 429"):
+        return "rate_limited"
+    if why.startswith("HTTP"):
+        return "server_error"
+    return "connection_error"
+
+
+class LLMClient:
+    """The synchronous client: the async core on a private event loop thread."""
+
+    def __init__(self, routes: list[Route], **kwargs):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="loraforge-client", daemon=True)
+        self._thread.start()
+        self._client = self._run(_make_async(routes, kwargs))
+        self.breakers = self._client.breakers
+        self.metrics = self._client.metrics
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, prompt: str | None = None, **kwargs) -> LLMResponse:
+        return self._run(self._client.generate(prompt, **kwargs))
+
+    def stream(self, prompt: str | None = None, **kwargs) -> Iterator[tuple[str, str]]:
+        agen = self._client.stream(prompt, **kwargs)
+        while True:
+            try:
+                yield self._run(agen.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def close(self) -> None:
+        self._run(self._client.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+async def _make_async(routes, kwargs) -> AsyncLLMClient:
+    return AsyncLLMClient(routes, **kwargs)
