@@ -179,6 +179,36 @@ def serve(
 
 
 @app.command()
+def ask(
+    prompt: Annotated[str, typer.Argument(help="The question.", show_default=False)],
+    route: Annotated[list[str], typer.Option("--route", "-r", help="NAME=URL,MODEL in fallback order (repeatable).")],
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.0,
+    deadline: Annotated[float, typer.Option(help="Overall deadline in seconds.")] = 30.0,
+    api_key: Annotated[Optional[str], typer.Option(envvar="LORAFORGE_API_KEY", help="Bearer key for every route.")] = None,
+) -> None:
+    """Ask through the resilient client (breakers, deadline, fallback) and say which route answered.
+
+    Example: [bold]loraforge ask "Extract the order: ..." --route lora=http://127.0.0.1:8000,orders --route base=http://127.0.0.1:8001,base[/bold]
+    """
+    from loraforge.client import LLMClient, Route
+    from loraforge.errors import ConfigError
+
+    routes = []
+    for item in route:
+        name, sep, rest = item.partition("=")
+        url, comma, model = rest.rpartition(",")
+        if not sep or not comma or not name or not url or not model:
+            raise ConfigError(f"--route {item!r}: expected NAME=URL,MODEL, e.g. lora=http://127.0.0.1:8000,orders")
+        routes.append(Route(name, url, model, api_key=api_key))
+    with LLMClient(routes, deadline_s=deadline) as client:
+        answer = client.generate(prompt, max_tokens=max_tokens, temperature=temperature)
+    console.print(answer.text)
+    tried = "; ".join(f"{k}: {v}" for k, v in answer.failures.items())
+    console.print(f"[dim]answered by route {answer.route} in {answer.latency_ms:.0f} ms, {answer.attempts} attempt(s), {answer.tokens_used} tokens{'; before: ' + tried if tried else ''}[/dim]")
+
+
+@app.command()
 def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False) -> None:
     """Check the environment a fine-tune depends on; exit 1 on a blocking problem.
 

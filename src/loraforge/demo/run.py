@@ -56,19 +56,45 @@ def run_demo(out: Path, model: str, console: Console) -> None:
     ask_through_the_api(model, result.run_dir, out, console)
 
 
+FALLBACK_SYSTEM_PROMPT = (
+    "Reply with exactly one JSON object with the keys customer, item, quantity (a number) and city, nothing else."
+)
+
+
 def ask_through_the_api(model: str, run_dir: Path, out: Path, console: Console) -> None:
-    """Start `loraforge serve` with the adapter, ask the base model and the adapter the same question."""
+    """Serve the adapter; ask base and adapter through the OpenAI API; then show the resilient
+    client falling back to a second server when the adapter's server is killed, and recovering."""
+    import time
+
     import openai
 
+    from loraforge.client import BreakerConfig, LLMClient, Route
     from loraforge.demo.data import INSTRUCTION
     from loraforge.serve.process import ServerProcess
 
     question = f"{INSTRUCTION}\n\nHi, this is Marta from Valencia; I'd like three desk lamps."
-    with ServerProcess(model, {"orders": run_dir}, log=out / "serve.log") as server:
-        console.print(f"serving on {server.url} (log: {out / 'serve.log'})")
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
+    with ServerProcess(model, {"orders": run_dir}, log=out / "serve.log") as primary, ServerProcess(model, {}, log=out / "serve-fallback.log") as backup:
+        console.print(f"adapter server {primary.url}, fallback server {backup.url} (logs in {out})")
+        api = openai.OpenAI(base_url=primary.url + "/v1", api_key=primary.api_key, max_retries=0)
         for name in ("base", "orders"):
-            reply = client.chat.completions.create(
-                model=name, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
-            )
-            console.print(f"[bold]{name}[/bold]: {reply.choices[0].message.content!r}")
+            reply = api.chat.completions.create(model=name, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0)
+            console.print(f"[bold]{name}[/bold] via the OpenAI API: {reply.choices[0].message.content!r}")
+
+        console.rule("5. resilient client")
+        routes = [
+            Route("lora", primary.url, "orders", api_key=primary.api_key, timeout_s=60),
+            Route("base-fallback", backup.url, "base", api_key=backup.api_key, system_prompt=FALLBACK_SYSTEM_PROMPT, timeout_s=60),
+        ]
+        with LLMClient(routes, breaker=BreakerConfig(failure_threshold=1, reset_timeout_s=2), deadline_s=120) as client:
+            def ask(when: str) -> None:
+                answer = client.generate(question, max_tokens=48)
+                console.print(f"{when}: route [bold]{answer.route}[/bold] in {answer.latency_ms:.0f} ms: {answer.text!r}")
+
+            ask("both servers up")
+            primary.kill()
+            console.print("[red]adapter server killed (SIGKILL)[/red]")
+            ask("adapter server down")
+            with ServerProcess(model, {"orders": run_dir}, log=out / "serve-restarted.log", api_key=primary.api_key, port=primary.port):
+                console.print("[green]adapter server restarted[/green]")
+                time.sleep(2.1)  # the breaker's reset timeout: the next call is its trial
+                ask("after recovery")
