@@ -311,6 +311,19 @@ def bench_serve_cmd(
     console.print_json(json.dumps(result))
 
 
+@bench_app.command("client")
+def bench_client_cmd(calls: Annotated[int, typer.Option(help="Calls of each kind.")] = 2000) -> None:
+    """The resilient client's overhead per call against raw httpx on the same local server.
+
+    Example: [bold]loraforge bench client --calls 2000[/bold]
+    """
+    import json
+
+    from loraforge.bench.client import bench_client
+
+    console.print_json(json.dumps(bench_client(calls)))
+
+
 def main() -> None:
     try:
         app()
