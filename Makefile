@@ -23,6 +23,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+	cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error && LORAFORGE_PYTHON=$(abspath $(BIN)/python) npm test
 
 # Gate throughput and the repetition check vs datatrove (installed only for the benchmark).
 bench-gate: install
