@@ -116,14 +116,26 @@ class AsyncLLMClient:
         for r in routes:
             self.metrics.circuit.labels(r.name).set(0)
         self.budget = _RetryBudget(self.retry)
-        self.http = httpx.AsyncClient(transport=transport, timeout=None)
+        self._transport = transport
+        self._http: dict[int, httpx.AsyncClient] = {}  # one connection pool per event loop
         self.clock = clock
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The connection pool of the running event loop (pools cannot cross loops)."""
+        key = id(asyncio.get_running_loop())
+        client = self._http.get(key)
+        if client is None:
+            client = self._http[key] = httpx.AsyncClient(transport=self._transport, timeout=None)
+        return client
 
     def _state_changed(self, route: str, state: State) -> None:
         self.metrics.circuit.labels(route).set(int(state))
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        client = self._http.pop(id(asyncio.get_running_loop()), None)
+        if client is not None:
+            await client.aclose()
 
     async def __aenter__(self):
         return self
@@ -290,18 +302,28 @@ def _reason(why: str) -> str:
 
 
 class LLMClient:
-    """The synchronous client: the async core on a private event loop thread."""
+    """The synchronous client: the same async core, run on an event loop of the calling thread.
+
+    Each calling thread gets its own loop and connection pool; the breakers, the retry budget
+    and the metrics are shared by all of them (they are thread-safe). No hop to another
+    thread, so the sync path costs what the async one does.
+    """
 
     def __init__(self, routes: list[Route], **kwargs):
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="loraforge-client", daemon=True)
-        self._thread.start()
-        self._client = self._run(_make_async(routes, kwargs))
+        self._client = AsyncLLMClient(routes, **kwargs)
         self.breakers = self._client.breakers
         self.metrics = self._client.metrics
+        self._local = threading.local()
+        self._loops: list[asyncio.AbstractEventLoop] = []
+        self._lock = threading.Lock()
 
     def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        loop = getattr(self._local, "loop", None)
+        if loop is None:
+            loop = self._local.loop = asyncio.new_event_loop()
+            with self._lock:
+                self._loops.append(loop)
+        return loop.run_until_complete(coro)
 
     def generate(self, prompt: str | None = None, **kwargs) -> LLMResponse:
         return self._run(self._client.generate(prompt, **kwargs))
@@ -315,15 +337,15 @@ class LLMClient:
                 return
 
     def close(self) -> None:
-        self._run(self._client.aclose())
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        with self._lock:
+            loops, self._loops = self._loops, []
+        for loop in loops:
+            if not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(self._client.aclose())
+                loop.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-
-async def _make_async(routes, kwargs) -> AsyncLLMClient:
-    return AsyncLLMClient(routes, **kwargs)
