@@ -178,6 +178,27 @@ class AsyncLLMClient:
 
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_tokens: int = 256,
                        temperature: float = 0.0, deadline_s: float | None = None, **params) -> LLMResponse:
+        plan = self._plan(prompt, messages, max_tokens, temperature, deadline_s, params)
+        value, error = None, None
+        while True:
+            try:
+                action = plan.throw(error) if error is not None else plan.send(value)
+            except StopIteration as done:
+                return done.value
+            value = error = None
+            if action[0] == "sleep":
+                await asyncio.sleep(action[1])
+                continue
+            try:
+                value = await self._call_route(*action[1:])
+            except (_Failure, RequestRejected) as exc:
+                error = exc
+
+    def _plan(self, prompt, messages, max_tokens, temperature, deadline_s, params):
+        """The policy of one call, independent of how HTTP is done: a generator that yields
+        ``("call", route, payload, timeout_s)`` and receives the response body (or has the
+        attempt's ``_Failure`` / ``RequestRejected`` thrown in), or yields ``("sleep", s)``;
+        it returns the ``LLMResponse``. The async and the sync client drive the same plan."""
         started = self.clock()
         deadline = started + (deadline_s if deadline_s is not None else self.deadline_s)
         self.budget.deposit()
@@ -198,7 +219,7 @@ class AsyncLLMClient:
                 attempts += 1
                 t0 = self.clock()
                 try:
-                    body = await self._call_route(route, payload, min(route.timeout_s, remaining))
+                    body = yield ("call", route, payload, min(route.timeout_s, remaining))
                 except RequestRejected:
                     self.breakers[route.name].release(permit)
                     self.metrics.requests.labels(route.name, "rejected").inc()
@@ -213,7 +234,7 @@ class AsyncLLMClient:
                     delay = failure.retry_after if failure.retry_after is not None else random.uniform(0, min(self.retry.max_delay_s, self.retry.base_delay_s * 2**attempt))
                     if self.clock() + delay >= deadline:
                         break
-                    await asyncio.sleep(delay)
+                    yield ("sleep", delay)
                     permit = self.breakers[route.name].acquire()
                     if permit is None:
                         break
@@ -309,8 +330,11 @@ class LLMClient:
     thread, so the sync path costs what the async one does.
     """
 
-    def __init__(self, routes: list[Route], **kwargs):
+    def __init__(self, routes: list[Route], sync_transport: httpx.BaseTransport | None = None, **kwargs):
         self._client = AsyncLLMClient(routes, **kwargs)
+        if sync_transport is None and isinstance(kwargs.get("transport"), httpx.BaseTransport):
+            sync_transport = kwargs["transport"]  # e.g. httpx.MockTransport serves both kinds
+        self._http = httpx.Client(transport=sync_transport, timeout=None)  # thread-safe, one pool
         self.breakers = self._client.breakers
         self.metrics = self._client.metrics
         self._local = threading.local()
@@ -325,8 +349,35 @@ class LLMClient:
                 self._loops.append(loop)
         return loop.run_until_complete(coro)
 
-    def generate(self, prompt: str | None = None, **kwargs) -> LLMResponse:
-        return self._run(self._client.generate(prompt, **kwargs))
+    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_tokens: int = 256,
+                 temperature: float = 0.0, deadline_s: float | None = None, **params) -> LLMResponse:
+        """The same plan as the async client, driven with httpx's sync transport (no event loop)."""
+        plan = self._client._plan(prompt, messages, max_tokens, temperature, deadline_s, params)
+        value, error = None, None
+        while True:
+            try:
+                action = plan.throw(error) if error is not None else plan.send(value)
+            except StopIteration as done:
+                return done.value
+            value = error = None
+            if action[0] == "sleep":
+                time.sleep(action[1])
+                continue
+            try:
+                value = self._call_route(*action[1:])
+            except (_Failure, RequestRejected) as exc:
+                error = exc
+
+    def _call_route(self, route: Route, payload: dict, timeout: float) -> dict:
+        headers = {"Authorization": f"Bearer {route.api_key}"} if route.api_key else {}
+        try:
+            response = self._http.post(route.base_url.rstrip("/") + "/v1/chat/completions", json={**payload, "model": route.model},
+                                       headers=headers, timeout=timeout)
+        except httpx.TimeoutException:
+            raise _Failure(f"timed out after {timeout:.2f} s") from None
+        except httpx.HTTPError as exc:
+            raise _Failure(f"{type(exc).__name__}: {exc}") from None
+        return self._client._classify(route, response)
 
     def stream(self, prompt: str | None = None, **kwargs) -> Iterator[tuple[str, str]]:
         agen = self._client.stream(prompt, **kwargs)
@@ -337,6 +388,7 @@ class LLMClient:
                 return
 
     def close(self) -> None:
+        self._http.close()
         with self._lock:
             loops, self._loops = self._loops, []
         for loop in loops:
