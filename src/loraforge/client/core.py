@@ -93,6 +93,20 @@ class _Metrics:
         self.circuit = Gauge("llm_circuit_state", "Breaker state: 0 closed, 1 open, 2 half-open", ["route"], registry=registry)
 
 
+def _request(route: Route, payload: dict) -> dict:
+    """URL, JSON body and headers of one chat-completions call on ``route``."""
+    headers = {"Authorization": f"Bearer {route.api_key}"} if route.api_key else {}
+    return {"url": route.base_url.rstrip("/") + "/v1/chat/completions", "json": {**payload, "model": route.model}, "headers": headers}
+
+
+def _resume(plan, value=None, error: Exception | None = None) -> tuple:
+    """Give the plan the last attempt's outcome; its next action, or ``("done", response)``."""
+    try:
+        return plan.throw(error) if error is not None else plan.send(value)
+    except StopIteration as done:
+        return ("done", done.value)
+
+
 def _messages(route: Route, prompt: str | None, messages: list[dict] | None) -> list[dict]:
     msgs = [dict(m) for m in (messages or [{"role": "user", "content": prompt or ""}])]
     if route.prefix:
@@ -146,12 +160,8 @@ class AsyncLLMClient:
     # ---- one attempt ---------------------------------------------------------------------
 
     async def _call_route(self, route: Route, payload: dict, timeout: float) -> dict:
-        headers = {"Authorization": f"Bearer {route.api_key}"} if route.api_key else {}
         try:
-            response = await asyncio.wait_for(
-                self.http.post(route.base_url.rstrip("/") + "/v1/chat/completions", json={**payload, "model": route.model}, headers=headers),
-                timeout,
-            )
+            response = await asyncio.wait_for(self.http.post(**_request(route, payload)), timeout)
         except (TimeoutError, asyncio.TimeoutError):
             raise _Failure(f"timed out after {timeout:.2f} s") from None
         except httpx.HTTPError as exc:
@@ -179,20 +189,17 @@ class AsyncLLMClient:
     async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, max_tokens: int = 256,
                        temperature: float = 0.0, deadline_s: float | None = None, **params) -> LLMResponse:
         plan = self._plan(prompt, messages, max_tokens, temperature, deadline_s, params)
-        value, error = None, None
-        while True:
-            try:
-                action = plan.throw(error) if error is not None else plan.send(value)
-            except StopIteration as done:
-                return done.value
-            value = error = None
+        action = _resume(plan)
+        while action[0] != "done":
             if action[0] == "sleep":
                 await asyncio.sleep(action[1])
+                action = _resume(plan)
                 continue
             try:
-                value = await self._call_route(*action[1:])
+                action = _resume(plan, value=await self._call_route(*action[1:]))
             except (_Failure, RequestRejected) as exc:
-                error = exc
+                action = _resume(plan, error=exc)
+        return action[1]
 
     def _plan(self, prompt, messages, max_tokens, temperature, deadline_s, params):
         """The policy of one call, independent of how HTTP is done: a generator that yields
@@ -269,15 +276,13 @@ class AsyncLLMClient:
                 self._fallback(index, "circuit_open")
                 continue
             payload = {"messages": _messages(route, prompt, messages), "max_tokens": max_tokens, "temperature": temperature, "stream": True, **params}
-            headers = {"Authorization": f"Bearer {route.api_key}"} if route.api_key else {}
             partial = ""
             try:
                 remaining = deadline - self.clock()
                 if remaining <= 0:
                     break
                 async with asyncio.timeout(remaining):
-                    async with self.http.stream("POST", route.base_url.rstrip("/") + "/v1/chat/completions",
-                                                json={**payload, "model": route.model}, headers=headers) as response:
+                    async with self.http.stream("POST", **_request(route, payload)) as response:
                         if response.status_code != 200:
                             await response.aread()
                             self._classify(route, response)
@@ -353,26 +358,21 @@ class LLMClient:
                  temperature: float = 0.0, deadline_s: float | None = None, **params) -> LLMResponse:
         """The same plan as the async client, driven with httpx's sync transport (no event loop)."""
         plan = self._client._plan(prompt, messages, max_tokens, temperature, deadline_s, params)
-        value, error = None, None
-        while True:
-            try:
-                action = plan.throw(error) if error is not None else plan.send(value)
-            except StopIteration as done:
-                return done.value
-            value = error = None
+        action = _resume(plan)
+        while action[0] != "done":
             if action[0] == "sleep":
                 time.sleep(action[1])
+                action = _resume(plan)
                 continue
             try:
-                value = self._call_route(*action[1:])
+                action = _resume(plan, value=self._call_route(*action[1:]))
             except (_Failure, RequestRejected) as exc:
-                error = exc
+                action = _resume(plan, error=exc)
+        return action[1]
 
     def _call_route(self, route: Route, payload: dict, timeout: float) -> dict:
-        headers = {"Authorization": f"Bearer {route.api_key}"} if route.api_key else {}
         try:
-            response = self._http.post(route.base_url.rstrip("/") + "/v1/chat/completions", json={**payload, "model": route.model},
-                                       headers=headers, timeout=timeout)
+            response = self._http.post(**_request(route, payload), timeout=timeout)
         except httpx.TimeoutException:
             raise _Failure(f"timed out after {timeout:.2f} s") from None
         except httpx.HTTPError as exc:
