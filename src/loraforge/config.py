@@ -190,6 +190,10 @@ class TrainConfig(_Section):
     spike_factor: float = Field(default=4.0, gt=1)
     spike_warmup: int = Field(default=10, ge=1)
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # More than one process (--gpus N or torchrun): ddp replicates the model on each GPU (fastest
+    # when it fits), fsdp shards base weights, LoRA and optimizer state per decoder layer (for
+    # models that do not fit one GPU). auto: the preflight memory estimate picks and says why.
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
 
 # ---- serve -------------------------------------------------------------------------------
@@ -215,6 +219,17 @@ class ServeConfig(_Section):
     max_tokens_limit: int = Field(default=2048, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    # fast: our Llama engine (continuous batching, static KV cache, batched LoRA, CUDA graphs);
+    # hf: transformers + PEFT, any model, the reference; auto: fast where it supports the model.
+    engine: Literal["auto", "fast", "hf"] = "auto"
+    # fast engine: tokens per request (prompt + max_tokens) in its KV cache, which holds
+    # max_batch_size x this many (an 8B Llama: 128 KiB a token in bf16); null: min(4096, model's).
+    max_seq_len: int | None = Field(default=None, ge=16)
+    # fast engine: prompt tokens computed per step; a decode step runs between chunks, so no
+    # request waits behind more than one chunk of a long prompt. Larger: faster prefill, jerkier decode.
+    prefill_chunk: int = Field(default=512, ge=16)
+    # fast engine on CUDA: capture the decode step as CUDA graphs (one per batch and length bucket)
+    cuda_graphs: bool = True
 
 
 class LoraforgeConfig(_Section):

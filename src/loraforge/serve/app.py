@@ -23,7 +23,7 @@ from loraforge.config import LoraforgeConfig
 from loraforge.errors import AdapterError
 from loraforge.serve import protocol as p
 from loraforge.serve.adapters import AdapterInfo, confined, load_adapter_info
-from loraforge.serve.engine import Engine, GenRequest, QueueFull
+from loraforge.serve.engine import EngineBase, GenRequest, QueueFull, RequestTooLong, create_engine
 from loraforge.serve.metrics import ServeMetrics
 
 log = logging.getLogger("loraforge.serve")
@@ -47,7 +47,7 @@ class ServerState:
         self.ready = False
         self.load_error: str | None = None
         self.adapters: dict[str, AdapterInfo] = {}
-        self.engine: Engine | None = None
+        self.engine: EngineBase | None = None
         self.model_name = config.model.name
 
     # ---- loading -------------------------------------------------------------------------
@@ -63,7 +63,8 @@ class ServerState:
             dtype = torch.bfloat16 if (device.type == "cuda" and self.cfg.dtype != "fp32") else torch.float32
             self.tokenizer = load_tokenizer(self.model_name)
             model = load_causal_lm(self.model_name, dtype=dtype).to(device).eval()
-            self.engine = Engine(model, self.tokenizer, device, self.cfg.max_batch_size, self.cfg.max_queue, self.metrics)
+            self.engine = create_engine(self.cfg, model, self.tokenizer, device, self.metrics)
+            self.metrics.queue_capacity.set(self.cfg.max_queue)
             for name, source in self.cfg.adapters.items():
                 self.add_adapter(name, source)
             self.engine.start()
@@ -83,16 +84,10 @@ class ServerState:
             loop.close()
 
     def add_adapter(self, name: str, source) -> AdapterInfo:
-        from peft import PeftModel
-
         if name in self.adapters or name == self.model_name:
             raise ApiError(409, f"a model named {name!r} is already loaded", param="name")
         info = load_adapter_info(name, source, self.tokenizer)
-        with self.engine.lock:
-            if hasattr(self.engine.model, "peft_config"):
-                self.engine.model.load_adapter(str(info.path), adapter_name=name)
-            else:
-                self.engine.model = PeftModel.from_pretrained(self.engine.model, str(info.path), adapter_name=name).eval()
+        self.engine.add_adapter(name, info.path)
         self.adapters[name] = info
         self.metrics.adapters_loaded.set(len(self.adapters))
         log.info("adapter %s loaded from %s%s", name, info.path, "" if info.template_matches_base else " (its own chat template)")
@@ -101,8 +96,7 @@ class ServerState:
     def remove_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise ApiError(404, f"no adapter named {name!r}", "not_found_error", param="name")
-        with self.engine.lock:
-            self.engine.model.delete_adapter(name)
+        self.engine.remove_adapter(name)
         del self.adapters[name]
         self.metrics.adapters_loaded.set(len(self.adapters))
 
@@ -206,6 +200,8 @@ def create_app(config: LoraforgeConfig, load_in_background: bool = True) -> Fast
             state.engine.submit(gen)
         except QueueFull:
             raise ApiError(429, "the server is at capacity; retry later", "rate_limit_error", headers={"Retry-After": "1"}) from None
+        except RequestTooLong as exc:
+            raise ApiError(400, str(exc), param="max_tokens") from None
         state.metrics.prompt_tokens.labels(body_model).inc(len(prompt_ids))
         return gen
 

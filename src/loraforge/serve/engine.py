@@ -7,8 +7,12 @@ strings and token limit; each streams its tokens as they come. Prompts are left-
 a matching attention mask and position ids, so a row's tokens do not depend on its
 neighbours (greedy decoding gives the same tokens alone or in a batch; tested).
 
-The seam for faster engines (continuous batching, paged KV caches, GPU kernels): ``Engine``
-only needs ``submit(request)``; ``run_batch`` is the one place that touches the model.
+The seam for faster engines: ``EngineBase`` holds what every engine shares (the bounded
+queue behind ``submit``, streaming tokens as text with stop strings, EOS, limits and
+cancellation); an engine adds how it runs the model. ``Engine`` here is the reference (any
+model transformers and PEFT run); ``serve.fast.FastEngine`` is the Llama engine with
+continuous batching, a static KV cache, batched LoRA and CUDA graphs. ``create_engine``
+picks one from ``serve.engine``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ class QueueFull(Exception):
     """The bounded queue is full: the caller answers 429."""
 
 
+class RequestTooLong(ValueError):
+    """Prompt + max_tokens do not fit the engine's sequence length: the caller answers 400."""
+
+
 @dataclass
 class GenRequest:
     prompt_ids: list[int]
@@ -50,17 +58,20 @@ class GenRequest:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    # incremental detokenization: text of generated[:read_offset] is known, decoded from prefix_offset
+    decoded: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
 
     def emit(self, kind: str, payload) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
 
-class Engine:
-    def __init__(self, model, tokenizer, device: torch.device, max_batch_size: int, max_queue: int, metrics=None):
-        self.model = model
+class EngineBase:
+    """The queue behind ``submit`` and the token -> text stream every engine shares."""
+
+    def __init__(self, tokenizer, max_queue: int, metrics=None):
         self.tokenizer = tokenizer
-        self.device = device
-        self.max_batch_size = max_batch_size
         self.waiting: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
         self.metrics = metrics
         self.stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int) and i >= 0}
@@ -82,6 +93,90 @@ class Engine:
             raise QueueFull() from exc
         if self.metrics:
             self.metrics.queue_depth.set(self.waiting.qsize())
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    # ---- tokens -> text, shared by the engines ------------------------------------------
+
+    def _advance(self, r: GenRequest, token: int) -> None:
+        if r.cancelled.is_set():  # the client went away: stop spending compute on it
+            r.finish_reason = "cancelled"
+            if self.metrics:
+                self.metrics.requests.labels("cancelled").inc()
+            return
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+        if token in self.stop_ids:
+            self._finish(r, "stop")
+            return
+        r.generated.append(token)
+        text = self._decoded_text(r)
+        if text is None:  # an incomplete UTF-8 sequence: wait for the next token
+            if len(r.generated) >= r.max_tokens:
+                self._finish(r, "length")
+            return
+        for stop in r.stops:
+            at = text.find(stop, max(0, len(r.text) - len(stop)))
+            if at >= 0:
+                self._emit_delta(r, text[:at])
+                self._finish(r, "stop")
+                return
+        self._emit_delta(r, text)
+        if len(r.generated) >= r.max_tokens:
+            self._finish(r, "length")
+
+    @staticmethod
+    def _emit_delta(r: GenRequest, text: str) -> None:
+        if len(text) > len(r.text):
+            r.emit("delta", text[len(r.text) :])
+            r.text = text
+
+    @staticmethod
+    def _finish(r: GenRequest, reason: str) -> None:
+        r.finish_reason = reason
+        r.emit("done", reason)
+
+    @staticmethod
+    def _decoded_text(r: GenRequest) -> str | None:
+        """The text of all generated tokens, decoding only the last few (None: incomplete UTF-8).
+
+        Decodes ``generated[prefix_offset:]`` against ``generated[prefix_offset:read_offset]``
+        and appends the difference (vLLM's method): the same text as decoding everything, at a
+        constant cost per token, and tokenizers that drop a leading space at the start of a
+        decode (SentencePiece) still see the token before.
+        """
+        ids = r.generated
+        before = r.tokenizer.decode(ids[r.prefix_offset : r.read_offset], skip_special_tokens=True)
+        after = r.tokenizer.decode(ids[r.prefix_offset :], skip_special_tokens=True)
+        if after.endswith("\ufffd"):
+            return None
+        r.decoded += after[len(before) :]
+        r.prefix_offset, r.read_offset = r.read_offset, len(ids)
+        return r.decoded
+
+
+class Engine(EngineBase):
+    """The reference engine: dynamic batches through transformers + PEFT (any model)."""
+
+    def __init__(self, model, tokenizer, device: torch.device, max_batch_size: int, max_queue: int, metrics=None):
+        super().__init__(tokenizer, max_queue, metrics)
+        self.model = model
+        self.device = device
+        self.max_batch_size = max_batch_size
+
+    def add_adapter(self, name: str, path) -> None:
+        from peft import PeftModel
+
+        with self.lock:
+            if hasattr(self.model, "peft_config"):
+                self.model.load_adapter(str(path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
+
+    def remove_adapter(self, name: str) -> None:
+        with self.lock:
+            self.model.delete_adapter(name)
 
     def _loop(self) -> None:
         while self._running:
@@ -166,40 +261,19 @@ class Engine:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return torch.multinomial(probs, 1, generator=generator)[0]
 
-    def _advance(self, r: GenRequest, token: int) -> None:
-        if r.cancelled.is_set():  # the client went away: stop spending compute on it
-            r.finish_reason = "cancelled"
-            if self.metrics:
-                self.metrics.requests.labels("cancelled").inc()
-            return
-        if r.first_token_at is None:
-            r.first_token_at = time.perf_counter()
-        if token in self.stop_ids:
-            self._finish(r, "stop")
-            return
-        r.generated.append(token)
-        text = r.tokenizer.decode(r.generated, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            if len(r.generated) >= r.max_tokens:
-                self._finish(r, "length")
-            return
-        for stop in r.stops:
-            at = text.find(stop, max(0, len(r.text) - len(stop)))
-            if at >= 0:
-                self._emit_delta(r, text[:at])
-                self._finish(r, "stop")
-                return
-        self._emit_delta(r, text)
-        if len(r.generated) >= r.max_tokens:
-            self._finish(r, "length")
 
-    @staticmethod
-    def _emit_delta(r: GenRequest, text: str) -> None:
-        if len(text) > len(r.text):
-            r.emit("delta", text[len(r.text) :])
-            r.text = text
+def create_engine(cfg, model, tokenizer, device: torch.device, metrics=None) -> EngineBase:
+    """The engine ``cfg.engine`` (a ``ServeConfig``) asks for: auto = fast where it supports the model."""
+    from loraforge.serve.fast import FastEngine, unsupported_reason
 
-    @staticmethod
-    def _finish(r: GenRequest, reason: str) -> None:
-        r.finish_reason = reason
-        r.emit("done", reason)
+    reason = unsupported_reason(model)
+    if cfg.engine == "fast" and reason:
+        from loraforge.errors import ServeError
+
+        raise ServeError(f"serve.engine=fast cannot serve this model: {reason}; use serve.engine=hf")
+    if cfg.engine == "hf" or reason:
+        if cfg.engine == "auto":
+            log.info("engine: hf (the fast engine does not serve %s)", reason)
+        return Engine(model, tokenizer, device, cfg.max_batch_size, cfg.max_queue, metrics)
+    return FastEngine(model, tokenizer, device, cfg.max_batch_size, cfg.max_queue, metrics,
+                      max_seq_len=cfg.max_seq_len, prefill_chunk=cfg.prefill_chunk, cuda_graphs=cfg.cuda_graphs)
