@@ -62,6 +62,13 @@ def collate(rows: list[list[TokenizedSample]], pad_id: int) -> Batch:
     return Batch(input_ids, labels, position_ids, mask[:, None], real)
 
 
+def padding_batch(pad_id: int) -> Batch:
+    """Two padding tokens and no label: the pass a rank with no rows left runs, loss exactly 0,
+    so that every rank runs the same number of forward/backward passes."""
+    mask = torch.tril(torch.ones(2, 2, dtype=torch.bool))[None, None]
+    return Batch(torch.full((1, 2), pad_id), torch.full((1, 2), IGNORE), torch.arange(2)[None], mask, 0)
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over supervised tokens (the caller divides by the step's total)."""
     shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()

@@ -27,7 +27,11 @@ def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if bf16_ok else torch.float32
 
 
-def load_base(model_dir, cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
+def load_base(model_dir, cfg: TrainConfig, device: torch.device, dtype: torch.dtype, sharded: bool = False):
+    """The base model on ``device``; with ``sharded`` (FSDP) full-precision weights stay in CPU
+    memory, and FSDP moves each rank's shard to its GPU layer by layer. A 4-bit base loads on
+    the GPU (about 0.55 byte a parameter) with its packed weights in bf16 containers, which
+    FSDP shards like any other tensor."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
@@ -37,11 +41,12 @@ def load_base(model_dir, cfg: TrainConfig, device: torch.device, dtype: torch.dt
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=torch.bfloat16 if sharded else torch.uint8,
         )
         kwargs["device_map"] = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if cfg.quantization is None:
+    if cfg.quantization is None and not sharded:
         model.to(device)
     return model
 
@@ -66,7 +71,8 @@ def wrap_lora(model, cfg: TrainConfig, checkpointing: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.quantization:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        # non-reentrant checkpointing: the kind DDP and FSDP work with
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

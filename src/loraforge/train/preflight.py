@@ -92,15 +92,20 @@ def check_data(stats: dict) -> Finding:
     return Finding("ok", "data", message)
 
 
+def weight_bytes(module, cfg: TrainConfig, width: int) -> float:
+    """Bytes of a module's base weights: linear layers in 4 bits + scales under nf4, the rest at ``width``."""
+    params = sum(p.numel() for p in module.parameters())
+    linear = sum(m.weight.numel() for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    return (params - linear) * width + (linear * 0.53 if cfg.quantization else linear * width)  # nf4: 4 bits + scales
+
+
 def estimate_memory(model, cfg: TrainConfig, dtype: torch.dtype, seq_len: int, micro_batch: int, checkpointing: bool) -> dict[str, int]:
     """Bytes of weights, LoRA + gradients + AdamW state, activations and logits for one micro-batch."""
     c = model.config
     h, inter, layers, vocab = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size), c.num_hidden_layers, c.vocab_size
     kv = h * getattr(c, "num_key_value_heads", c.num_attention_heads) // c.num_attention_heads
     width = 2 if dtype in (torch.bfloat16, torch.float16) else 4
-    params = sum(p.numel() for p in model.parameters())
-    linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
-    weights = (params - linear) * width + (linear * 0.53 if cfg.quantization else linear * width)  # nf4: 4 bits + scales
+    weights = weight_bytes(model, cfg, width)
     per_layer_lora = 0
     targets = None if cfg.lora.target_modules == "all-linear" else set(cfg.lora.target_modules)
     for name, m in model.named_modules():
@@ -143,3 +148,56 @@ def check_memory(model, cfg: TrainConfig, dtype, device, seq_len: int, checkpoin
             options.append("train.quantization: nf4 with checkpointing (QLoRA)")
     fix = "; or ".join(options) or "a smaller model, shorter train.max_seq_length, or a larger GPU"
     return Finding("block", "memory", "does not fit: " + summary, fix), parts
+
+
+def fsdp_memory(model, cfg: TrainConfig, dtype, parts: dict[str, int], world: int) -> dict[str, int]:
+    """Per-GPU bytes under FSDP: base weights, LoRA and AdamW state divided over ``world``, plus two
+    whole decoder layers (the one computing and the one prefetched); activations stay per GPU."""
+    from loraforge.train.distributed import decoder_layers
+
+    width = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    layer = max(weight_bytes(m, cfg, width) for m in decoder_layers(model))
+    return parts | {"weights": int(parts["weights"] / world + 2 * layer), "lora_and_optimizer": int(parts["lora_and_optimizer"] / world)}
+
+
+def plan_strategy(model, cfg: TrainConfig, dtype, device, seq_len: int, checkpointing: bool, world: int, local_world: int) -> tuple[Finding, Finding, str, dict]:
+    """DDP or FSDP for ``world`` processes, from the memory estimate: (strategy finding, memory
+    finding, strategy, per-GPU estimate). DDP when the whole model fits on each GPU (only LoRA
+    gradients travel), else FSDP; ``train.distributed`` forces one."""
+    ddp = estimate_memory(model, cfg, dtype, seq_len, cfg.micro_batch_size, checkpointing)
+    fsdp = fsdp_memory(model, cfg, dtype, ddp, world)
+    have = available_memory(device) // (1 if device.type == "cuda" else local_world)  # CPU processes share the RAM
+    budget = 0.9 * have
+    need = {"ddp": sum(ddp.values()), "fsdp": sum(fsdp.values())}
+    if cfg.quantization:  # each rank loads the whole 4-bit model on its GPU before sharding it
+        need["fsdp"] = max(need["fsdp"], ddp["weights"])
+    if cfg.distributed != "auto":
+        strategy, why = cfg.distributed, f"set by train.distributed: {cfg.distributed}"
+    elif need["ddp"] <= budget:
+        strategy, why = "ddp", "the whole model fits on each GPU, so only LoRA gradients travel"
+    else:
+        strategy, why = "fsdp", f"the model does not fit on one GPU; base weights, LoRA and optimizer state are sharded over {world}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU RAM per process"
+    unit = "GPU" if device.type == "cuda" else "process"
+    batch = f"global batch {cfg.micro_batch_size} x {cfg.grad_accum} x {world} = {cfg.micro_batch_size * cfg.grad_accum * world} rows"
+    numbers = f"per {unit} ~{need['ddp'] / GiB:.1f} GiB replicated (DDP) vs ~{need['fsdp'] / GiB:.1f} GiB sharded (FSDP), {have / GiB:.1f} GiB free on {where}"
+    strategy_finding = Finding("ok", "strategy", f"{strategy.upper()} over {world} processes: {why} ({numbers}); {batch}")
+    host = local_world * ddp["weights"]
+    if strategy == "fsdp" and not cfg.quantization and device.type == "cuda" and host > 0.9 * available_memory(torch.device("cpu")):
+        strategy_finding = Finding(
+            "warn", "strategy", strategy_finding.message + f"; each process first loads the full-precision base in CPU memory: ~{host / GiB:.0f} GiB on this host",
+            "train.quantization: nf4 (the 4-bit base loads straight to each GPU), or a host with more memory",
+        )
+    parts = ddp if strategy == "ddp" else fsdp
+    summary = f"~{need[strategy] / GiB:.1f} GiB per {unit} ({strategy}) of {have / GiB:.1f} GiB free on {where} (" + ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items()) + ")"
+    if need[strategy] <= budget:
+        return strategy_finding, Finding("ok", "memory", summary), strategy, parts
+    fixes = []
+    if strategy == "ddp" and need["fsdp"] <= budget:
+        fixes.append("train.distributed: fsdp (or auto)")
+    fixes += ["a smaller train.micro_batch_size (raise train.grad_accum to keep the batch)", "more GPUs"]
+    if not checkpointing:
+        fixes.append("train.gradient_checkpointing: true")
+    if cfg.quantization is None and device.type == "cuda":
+        fixes.append("train.quantization: nf4 (QLoRA)")
+    return strategy_finding, Finding("block", "memory", "does not fit: " + summary, "; or ".join(fixes)), strategy, parts

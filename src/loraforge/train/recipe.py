@@ -4,10 +4,14 @@ One optimizer step = ``grad_accum`` micro-batches. The loss of each micro-batch 
 token cross-entropy divided by the supervised tokens of the *whole step*, so uneven
 micro-batches (packing makes them uneven) do not change the gradient's scale.
 
-Everything that decides the order of data is a function of (seed, epoch), and every
-checkpoint holds the adapter, optimizer, scheduler, RNG states and the step: a run killed at
-any moment and resumed from its last checkpoint ends with the same adapter as one never
-interrupted.
+Everything that decides the order of data is a function of (seed, epoch), dropout's random
+numbers a function of (seed, step, rank), and every checkpoint holds the adapter, optimizer,
+scheduler and the step: a run killed at any moment and resumed from its last checkpoint ends
+with the same adapter as one never interrupted.
+
+With W processes (``--gpus N``, torchrun), one step takes the rows a single process would
+take with the same global batch, each rank a disjoint share of its micro-batches, and the
+gradient is exactly the single-process one: ``distributed.py`` has the arithmetic.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import torch
 from loraforge.config import LoraforgeConfig
 from loraforge.errors import OutOfMemory, PreflightError, TrainError, TrainingDiverged
 from loraforge.train import data as data_mod
+from loraforge.train import distributed as dist_mod
 from loraforge.train import preflight as pf
-from loraforge.train.batch import Batch, collate, token_loss_sum
-from loraforge.train.model import apply_accelerations, load_base, pick_device, pick_dtype, wrap_lora
+from loraforge.train.batch import Batch, collate, padding_batch, token_loss_sum
+from loraforge.train.data import IGNORE
+from loraforge.train.model import apply_accelerations, load_base, pick_dtype, wrap_lora
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -45,8 +51,16 @@ class TrainResult:
 
 
 class TrainRun:
-    def __init__(self, config: LoraforgeConfig, resume: bool = False, show_progress: bool = True, console=None):
+    def __init__(self, config: LoraforgeConfig, resume: bool = False, show_progress: bool = True, console=None, processes: int | None = None):
         self.config, self.cfg = config, config.train
+        # WORLD_SIZE / RANK / LOCAL_RANK from torchrun; ``processes`` only plans a --dry-run
+        self.dist = dist_mod.Dist.from_env()
+        self.planned_only = not self.dist.enabled and bool(processes and processes > 1)
+        if self.planned_only:
+            self.dist = dist_mod.Dist(world=processes, local_world=processes)
+        self.strategy = "single"
+        self.checkpoint: Path | None = None
+        self.peak_memory_per_rank: list[int] = []
         self.resume = resume
         self.show_progress = show_progress
         self.console = console
@@ -65,7 +79,9 @@ class TrainRun:
         from loraforge.models import load_tokenizer, resolve_model
 
         cfg = self.cfg
-        self.device = pick_device()
+        if self.planned_only and not dry_run:
+            raise TrainError(f"{self.dist.world} processes are only planned here: start them with `loraforge train --gpus {self.dist.world}` or torchrun")
+        self.device = dist_mod.device_of(self.dist) if dry_run else dist_mod.init(self.dist)
         self.dtype = pick_dtype(cfg, self.device)
         self.checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else self.device.type == "cuda"
         self.model_dir = resolve_model(self.config.model.name)
@@ -78,12 +94,14 @@ class TrainRun:
             raise PreflightError("preflight stopped the run:\n" + "\n".join(f"- {f.check}: {f.message}\n  fix: {f.fix}" for f in blocks))
         if dry_run:
             return self.findings
-        self._setup_model()
-        self._setup_optimizer()
         if self.resume:
-            self._load_checkpoint()
+            self.checkpoint = self._latest_checkpoint()
         elif self.out.exists() and any((self.out / "checkpoints").glob("step-*")):
             raise TrainError(f"{self.out} already holds checkpoints: pass --resume to continue, or choose another --out")
+        self._setup_model()
+        self._setup_optimizer()
+        if self.checkpoint:
+            self._load_checkpoint()
         return self.findings
 
     def _training_file(self) -> Path:
@@ -104,9 +122,11 @@ class TrainRun:
             return path
         from loraforge.gate import run_gate
 
-        gate_config = self.config.model_copy(deep=True)
-        gate_config.gate.max_seq_length = cfg.max_seq_length
-        run_gate([path], self.out / "gate", gate_config, tokenizer=self.tokenizer)
+        if self.dist.main:  # one gate run; the other ranks read its output
+            gate_config = self.config.model_copy(deep=True)
+            gate_config.gate.max_seq_length = cfg.max_seq_length
+            run_gate([path], self.out / "gate", gate_config, tokenizer=self.tokenizer)
+        dist_mod.barrier(self.dist)
         return self.out / "gate" / "kept.jsonl"
 
     def _setup_data(self) -> None:
@@ -131,11 +151,12 @@ class TrainRun:
             return out
 
         self.train_samples, self.eval_samples = prepare(train_rows), prepare(eval_rows)
+        # loss-carrying tokens of each sample once collated (its first token never is)
+        self.sample_supervised = [s.supervised - (s.labels[0] != IGNORE) for s in self.train_samples]
         self.train_rows = self._rows(self.train_samples)
         self.eval_rows = self._rows(self.eval_samples)
-        mb, accum = cfg.micro_batch_size, cfg.grad_accum
-        self.micro_batches_per_epoch = math.ceil(len(self.train_rows) / mb) if self.train_rows else 0
-        self.steps_per_epoch = max(1, math.ceil(self.micro_batches_per_epoch / accum))
+        self.global_batch = cfg.micro_batch_size * cfg.grad_accum * self.dist.world  # rows per optimizer step
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_rows) / self.global_batch))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
 
     def _rows(self, samples) -> list[list[int]]:
@@ -156,6 +177,8 @@ class TrainRun:
             "rows": len(self.train_rows),
             "packing_efficiency": data_mod.packing_efficiency(self.train_rows, [len(s.input_ids) for s in self.train_samples], self.cfg.max_seq_length),
             "truncated": self.truncated,
+            "processes": self.dist.world,
+            "global_batch_rows": self.global_batch,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
         }
@@ -173,7 +196,13 @@ class TrainRun:
             pf.check_data(self.data_stats()),
         ]
         seq = min(cfg.max_seq_length, max((sum(len(self.train_samples[i].input_ids) for i in row) for row in self.train_rows), default=16))
-        memory, self.memory_estimate = pf.check_memory(meta, cfg, self.dtype, self.device, seq, self.checkpointing)
+        if self.dist.enabled:
+            strategy, memory, self.strategy, self.memory_estimate = pf.plan_strategy(
+                meta, cfg, self.dtype, self.device, seq, self.checkpointing, self.dist.world, self.dist.local_world
+            )
+            findings.append(strategy)
+        else:
+            memory, self.memory_estimate = pf.check_memory(meta, cfg, self.dtype, self.device, seq, self.checkpointing)
         findings.append(memory)
         if cfg.lora.dora or cfg.lora.r not in VLLM_RANKS:
             findings.append(pf.Finding("warn", "serving", f"vLLM serves LoRA ranks {VLLM_RANKS} and no DoRA", "use one of those ranks, or serve a merged model (loraforge merge)"))
@@ -181,17 +210,26 @@ class TrainRun:
         return findings
 
     def _setup_model(self) -> None:
-        torch.manual_seed(self.cfg.seed)
-        base = load_base(self.model_dir, self.cfg, self.device, self.dtype)
+        torch.manual_seed(self.cfg.seed)  # the same LoRA initialization on every rank
+        base = self._load_base()
         self.accelerations = apply_accelerations(base, self.cfg, self.device)
         self.model = wrap_lora(base, self.cfg, self.checkpointing)
+        if self.checkpoint:  # full weights, before FSDP shards them
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.model, load_file(self.checkpoint / "adapter_model.safetensors"))
+        self.engine = dist_mod.wrap(self.model, self.strategy, self.dist, self.device)  # what each step calls
+
+    def _load_base(self):
+        return load_base(self.model_dir, self.cfg, self.device, self.dtype, sharded=self.strategy == "fsdp")
 
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.params = params
-        fused = self.device.type == "cuda"
+        fused = self.device.type == "cuda" and self.strategy != "fsdp"  # sharded (DTensor) parameters: foreach
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
         warmup = int(self.cfg.warmup_ratio * self.total_steps)
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[self.cfg.scheduler]
@@ -199,17 +237,27 @@ class TrainRun:
 
     # ---- data order ----------------------------------------------------------------------
 
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """Row indices of each micro-batch of optimizer step ``step`` (0-based): a pure function."""
+    def global_micro_batches(self, step: int) -> list[list[int]]:
+        """Row indices of every micro-batch of optimizer step ``step`` (0-based), all ranks
+        together: a pure function of (seed, epoch, step), whatever the number of processes."""
         epoch, within = divmod(step, self.steps_per_epoch)
         order = list(range(len(self.train_rows)))
         random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
-        mb, accum = self.cfg.micro_batch_size, self.cfg.grad_accum
-        start = within * accum * mb
-        chunk = order[start : start + accum * mb]
+        chunk = order[within * self.global_batch : (within + 1) * self.global_batch]
+        mb = self.cfg.micro_batch_size
         return [chunk[i : i + mb] for i in range(0, len(chunk), mb)]
 
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches of step ``step`` (``[]``: a padding pass)."""
+        return dist_mod.shard_micro_batches(self.global_micro_batches(step), self.dist.rank, self.dist.world)
+
+    def supervised_tokens(self, micro: list[list[int]]) -> int:
+        """Tokens carrying loss in these rows (as ``collate`` labels them: never a sample's first)."""
+        return sum(self.sample_supervised[i] for ids in micro for r in ids for i in self.train_rows[r])
+
     def batch(self, rows: list[list[int]], row_ids: list[int], samples) -> Batch:
+        if not row_ids:
+            return padding_batch(self.pad_id).to(self.device)
         return collate([[samples[i] for i in rows[r]] for r in row_ids], self.pad_id).to(self.device)
 
     # ---- train ---------------------------------------------------------------------------
@@ -217,17 +265,18 @@ class TrainRun:
     def train(self) -> TrainResult:
         from loraforge.train.report import MetricsSink
 
-        cfg = self.cfg
+        cfg, main = self.cfg, self.dist.main
         self.out.mkdir(parents=True, exist_ok=True)
-        sink = MetricsSink(self.out / "metrics.jsonl", cfg.metrics_port, truncate_after=self.step if self.resume else 0)
+        # metrics, progress, manifest and plots: rank 0 only (it has every rank's numbers)
+        sink = MetricsSink(self.out / "metrics.jsonl", cfg.metrics_port, truncate_after=self.step if self.resume else 0, ranks=self.dist.world) if main else None
         status, last_loss, eval_loss = "completed", None, None
-        progress = _progress(self.show_progress, self.total_steps, self.step)
+        progress = _progress(self.show_progress and main, self.total_steps, self.step)
         started = time.perf_counter() - self.elapsed
         try:
             with progress:
                 while self.step < self.total_steps:
                     t0 = time.perf_counter()
-                    loss, tokens, grad_norm = self._train_step()
+                    loss, tokens, grad_norm, ranks = self._train_step()
                     self.step += 1
                     self.tokens_seen += tokens
                     self.elapsed = time.perf_counter() - started
@@ -237,12 +286,18 @@ class TrainRun:
                         "tokens": tokens, "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9), "elapsed_s": self.elapsed,
                     }
                     if self.device.type == "cuda":
-                        record["gpu_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+                        self.peak_memory_per_rank = [int(r[2]) for r in ranks]
+                        record["gpu_memory_allocated_bytes"] = self.peak_memory_per_rank[0]
+                        if self.dist.enabled:
+                            record["gpu_memory_allocated_bytes_per_rank"] = self.peak_memory_per_rank
+                            if cfg.metrics_port:
+                                record["gpu_utilization_per_rank"] = [r[3] if r[3] >= 0 else None for r in ranks]
                     stop = False
                     if self.eval_rows and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                         eval_loss = record["eval_loss"] = self.evaluate()
                         stop = self._early_stop(eval_loss)
-                    sink.write(record)
+                    if sink:
+                        sink.write(record)
                     progress.update(self.step, loss, record["lr"], record["tokens_per_s"])
                     if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps or stop:
                         self.save_checkpoint()
@@ -260,34 +315,48 @@ class TrainRun:
             self.save_adapter(status="diverged")
             raise
         finally:
-            sink.close()
+            if sink:
+                sink.close()
         self.save_adapter(status=status)
         return TrainResult(self.out, self.step, status, last_loss, eval_loss, self.findings, self.final_metrics(last_loss, eval_loss))
 
-    def _train_step(self) -> tuple[float, int, float]:
-        micro = [self.batch(self.train_rows, ids, self.train_samples) for ids in self.micro_batches(self.step)]
-        supervised = sum(b.supervised for b in micro)
-        total = 0.0
-        for b in micro:
-            logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
-            loss = token_loss_sum(logits, b.labels) / max(supervised, 1)
-            loss.backward()
-            total += loss.item()
-        self._check_loss(total, micro)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
+    def _train_step(self) -> tuple[float, int, float, list[list[float]]]:
+        """One optimizer step: this rank's micro-batches, each loss divided by the supervised
+        tokens of the whole step (all ranks), times the world size that gradient averaging
+        divides by again. Returns loss, tokens (all ranks), gradient norm, per-rank numbers."""
+        world = self.dist.world
+        supervised = max(self.supervised_tokens(self.global_micro_batches(self.step)), 1)  # the same on every rank
+        mine = self.micro_batches(self.step)
+        torch.manual_seed((self.cfg.seed * 1_000_003 + self.step) * 1_009 + self.dist.rank)  # dropout: f(seed, step, rank)
+        loss_sum, tokens = torch.zeros((), device=self.device), 0
+        for i, ids in enumerate(mine):
+            b = self.batch(self.train_rows, ids, self.train_samples)
+            with dist_mod.no_sync(self.engine, last=i == len(mine) - 1):
+                logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+                loss = token_loss_sum(logits, b.labels) / supervised
+                (loss * world).backward()
+            loss_sum += loss.detach()
+            tokens += b.real_tokens
+        cuda = self.device.type == "cuda"
+        memory = torch.cuda.max_memory_allocated(self.device) if cuda else 0
+        utilization = _gpu_utilization(self.device) if cuda and self.cfg.metrics_port else -1
+        ranks = dist_mod.gather_stats(self.dist, [float(loss_sum), tokens, memory, utilization], self.device)
+        total = sum(r[0] for r in ranks)
+        self._check_loss(total)  # the same total on every rank: all stop together or none
+        grad_norm = dist_mod.clip_gradients(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, sum(b.real_tokens for b in micro), float(grad_norm)
+        return total, int(sum(r[1] for r in ranks)), grad_norm, ranks
 
-    def _check_loss(self, loss: float, micro: list[Batch]) -> None:
+    def _check_loss(self, loss: float) -> None:
         cfg = self.cfg
         spiked = self.ema is not None and self.step >= cfg.spike_warmup and loss > cfg.spike_factor * self.ema
         if math.isfinite(loss) and not spiked:
             self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
             return
         self.optimizer.zero_grad(set_to_none=True)  # the bad gradient is never applied
-        sources = [self.train_samples[i].source for ids in self.micro_batches(self.step) for r in ids for i in self.train_rows[r]][:5]
+        sources = [self.train_samples[i].source for ids in self.global_micro_batches(self.step) for r in ids for i in self.train_rows[r]][:5]
         what = f"loss {loss}" if not math.isfinite(loss) else f"loss {loss:.3f} is {loss / self.ema:.1f}x its running average {self.ema:.3f}"
         raise TrainingDiverged(
             f"training stopped at step {self.step + 1}: {what}. The adapter of step {self.step} (the last good weights) "
@@ -306,37 +375,42 @@ class TrainRun:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean token loss on the held-out rows; ranks share the micro-batches and sum."""
         self.model.eval()
         loss_sum, supervised = 0.0, 0
-        mb = self.cfg.micro_batch_size
-        for start in range(0, len(self.eval_rows), mb):
-            b = self.batch(self.eval_rows, list(range(start, min(start + mb, len(self.eval_rows)))), self.eval_samples)
-            logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        mb, n = self.cfg.micro_batch_size, len(self.eval_rows)
+        batches = [list(range(start, min(start + mb, n))) for start in range(0, n, mb)]
+        for ids in dist_mod.shard_micro_batches(batches, self.dist.rank, self.dist.world):
+            b = self.batch(self.eval_rows, ids, self.eval_samples)
+            logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
             loss_sum += float(token_loss_sum(logits, b.labels))
             supervised += b.supervised
         self.model.train()
+        loss_sum, supervised = dist_mod.sum_over_ranks(self.dist, [loss_sum, supervised], self.device)
         return loss_sum / max(supervised, 1)
 
     # ---- checkpoints -----------------------------------------------------------------------
 
     def save_checkpoint(self, keep: int = 2) -> Path:
+        """Every rank gathers (FSDP shards), rank 0 writes: full tensors, loadable on any world size."""
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        adapter = dist_mod.full_trainable_state(self.model)
+        optimizer = dist_mod.full_optimizer_state(self.model, self.optimizer)
         root = self.out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step:07d}"
+        if not self.dist.main:
+            return final
+
+        root.mkdir(parents=True, exist_ok=True)
         staging = root / f".tmp-step-{self.step:07d}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self.model).items()}
+        state = {k: v.contiguous() for k, v in get_peft_model_state_dict(self.model, state_dict=adapter).items()}
         save_file(state, staging / "adapter_model.safetensors")
-        torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(optimizer, staging / "optimizer.pt")  # keyed by parameter name, full tensors
         torch.save(self.scheduler.state_dict(), staging / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, staging / "rng.pt")
         meta = {"step": self.step, "ema": self.ema, "best_eval": self.best_eval, "bad_evals": self.bad_evals,
                 "tokens_seen": self.tokens_seen, "elapsed": self.elapsed, "total_steps": self.total_steps}
         (staging / "state.json").write_text(json.dumps(meta))
@@ -346,23 +420,22 @@ class TrainRun:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def _load_checkpoint(self) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
+    def _latest_checkpoint(self) -> Path:
         found = sorted((self.out / "checkpoints").glob("step-*"))
         if not found:
             raise TrainError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; start without --resume")
-        ckpt = found[-1]
-        set_peft_model_state_dict(self.model, load_file(ckpt / "adapter_model.safetensors", device=str(self.device)))
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=False))
+        return found[-1]
+
+    def _load_checkpoint(self) -> None:
+        """Optimizer, scheduler and counters (the adapter loaded in ``_setup_model``). Every rank
+        reads the checkpoint: the run directory must be visible to all of them (shared storage)."""
+        ckpt = self.checkpoint
+        optimizer = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+        if optimizer["param_groups"] and all(isinstance(i, int) for i in optimizer["param_groups"][0]["params"]):
+            self.optimizer.load_state_dict(optimizer)  # a checkpoint from before name-keyed states (one process)
+        else:
+            dist_mod.load_optimizer_state(self.model, self.optimizer, optimizer)
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-        rng = torch.load(ckpt / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
         meta = json.loads((ckpt / "state.json").read_text())
         self.step, self.ema, self.best_eval = meta["step"], meta["ema"], meta["best_eval"]
         self.bad_evals, self.tokens_seen, self.elapsed = meta["bad_evals"], meta["tokens_seen"], meta["elapsed"]
@@ -373,25 +446,46 @@ class TrainRun:
         metrics = {"steps": self.step, "train_loss": train_loss, "eval_loss": eval_loss, "tokens": self.tokens_seen,
                    "elapsed_s": round(self.elapsed, 3), "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9)}
         if self.device.type == "cuda":
-            metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+            metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            if self.dist.enabled and self.peak_memory_per_rank:
+                metrics["peak_gpu_memory_bytes_per_rank"] = self.peak_memory_per_rank
+        if self.dist.enabled:
+            metrics |= {"processes": self.dist.world, "strategy": self.strategy}
         return metrics
 
     def save_adapter(self, status: str) -> None:
+        from loraforge.serve.adapters import warn_if_not_vllm_servable
         from loraforge.train.report import plot_loss, write_manifest
 
+        state = dist_mod.full_trainable_state(self.model)  # every rank: FSDP gathers shards
+        if not self.dist.main:
+            return
         adapter = self.out / "adapter"
-        self.model.save_pretrained(adapter)
+        self.model.save_pretrained(adapter, state_dict=state)  # plain PEFT format, whatever the world size
         self.tokenizer.save_pretrained(adapter)  # the chat template serving must use
+        warn_if_not_vllm_servable(adapter)  # beyond one GPU, adapters are served by vLLM (README)
         write_manifest(self, status)
         plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
 
 
-def train(config: LoraforgeConfig, resume: bool = False, dry_run: bool = False, show_progress: bool = True) -> TrainResult:
-    run = TrainRun(config, resume=resume, show_progress=show_progress)
+def train(config: LoraforgeConfig, resume: bool = False, dry_run: bool = False, show_progress: bool = True, processes: int | None = None) -> TrainResult:
+    """Run the recipe; under torchrun, in every process (``processes`` plans a dry run for N)."""
+    run = TrainRun(config, resume=resume, show_progress=show_progress, processes=processes)
     findings = run.setup(dry_run=dry_run)
     if dry_run:
-        return TrainResult(run.out, 0, "dry_run", None, None, findings, {"data": run.data_stats(), "memory_estimate": run.memory_estimate})
-    return run.train()
+        metrics = {"data": run.data_stats(), "memory_estimate": run.memory_estimate, "strategy": run.strategy}
+        return TrainResult(run.out, 0, "dry_run", None, None, findings, metrics)
+    result = run.train()
+    dist_mod.shutdown(run.dist)  # after success only: a failed rank must not wait at a barrier
+    return result
+
+
+def _gpu_utilization(device: torch.device) -> float:
+    """This GPU's utilization, 0-1 (NVML); -1 where NVML does not answer."""
+    try:
+        return torch.cuda.utilization(device) / 100
+    except Exception:  # no NVML: reported as unknown
+        return -1.0
 
 
 class _progress:

@@ -11,9 +11,14 @@ from pathlib import Path
 
 
 class MetricsSink:
-    """Every step to metrics.jsonl; with a port, the latest values as Prometheus gauges too."""
+    """Every step to metrics.jsonl; with a port, the latest values as Prometheus gauges too.
 
-    def __init__(self, path: Path, port: int | None, truncate_after: int = 0):
+    With several processes only rank 0 has a sink: GPU memory and utilization of every rank
+    reach it in the step's record (``*_per_rank``) and are served with a ``rank`` label on this
+    one port.
+    """
+
+    def __init__(self, path: Path, port: int | None, truncate_after: int = 0, ranks: int = 1):
         self.path = path
         kept = []
         if truncate_after and path.exists():  # a resumed run continues the file from its checkpoint
@@ -21,6 +26,10 @@ class MetricsSink:
         path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a", encoding="utf-8")
         self.gauges = _start_prometheus(port) if port else None
+        if self.gauges:
+            for rank in range(ranks):  # 0 until measured: a CPU run exports 0 GPU memory and utilization
+                self.gauges["gpu_mem"].labels(rank=str(rank)).set(0)
+                self.gauges["gpu_util"].labels(rank=str(rank)).set(0)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -30,30 +39,41 @@ class MetricsSink:
             self.gauges["lr"].set(record["lr"])
             self.gauges["grad_norm"].set(record["grad_norm"])
             self.gauges["tps"].set(record["tokens_per_s"])
-            if "gpu_memory_allocated_bytes" in record:
-                self.gauges["gpu_mem"].set(record["gpu_memory_allocated_bytes"])
-            utilization = _gpu_utilization()
-            if utilization is not None:
-                self.gauges["gpu_util"].set(utilization)
+            memory = record.get("gpu_memory_allocated_bytes_per_rank") or [record.get("gpu_memory_allocated_bytes")]
+            utilization = record.get("gpu_utilization_per_rank") or [_gpu_utilization()]
+            for rank, value in enumerate(memory):
+                if value is not None:
+                    self.gauges["gpu_mem"].labels(rank=str(rank)).set(value)
+            for rank, value in enumerate(utilization):
+                if value is not None:
+                    self.gauges["gpu_util"].labels(rank=str(rank)).set(value)
 
     def close(self) -> None:
         self.file.close()
 
 
 def _start_prometheus(port: int) -> dict:
-    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+    from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
-    gauges = {
+    gauges = training_gauges(registry)
+    start_http_server(port, addr="127.0.0.1", registry=registry)
+    return gauges
+
+
+def training_gauges(registry) -> dict:
+    """The training gauges, registered in ``registry`` (no server: tests list what is exported)."""
+    from prometheus_client import Gauge
+
+    return {
         "loss": Gauge("loraforge_train_loss", "Training loss of the last optimizer step", registry=registry),
         "lr": Gauge("loraforge_train_learning_rate", "Learning rate of the last step", registry=registry),
         "grad_norm": Gauge("loraforge_train_grad_norm", "Gradient norm before clipping", registry=registry),
         "tps": Gauge("loraforge_train_tokens_per_second", "Training throughput of the last step", registry=registry),
-        "gpu_mem": Gauge("loraforge_gpu_memory_allocated_bytes", "Peak GPU memory allocated by PyTorch", registry=registry),
-        "gpu_util": Gauge("loraforge_gpu_utilization_ratio", "GPU utilization (NVML), 0-1", registry=registry),
+        # one series per training process (rank 0 serves them all)
+        "gpu_mem": Gauge("loraforge_gpu_memory_allocated_bytes", "Peak GPU memory allocated by PyTorch", ["rank"], registry=registry),
+        "gpu_util": Gauge("loraforge_gpu_utilization_ratio", "GPU utilization (NVML), 0-1", ["rank"], registry=registry),
     }
-    start_http_server(port, addr="127.0.0.1", registry=registry)
-    return gauges
 
 
 def _gpu_utilization() -> float | None:
@@ -110,7 +130,8 @@ def write_manifest(run, status: str) -> None:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    hardware = {"device": run.device.type, "dtype": str(run.dtype).removeprefix("torch."), "cpus": os.cpu_count(), "platform": platform.platform()}
+    hardware = {"device": run.device.type, "dtype": str(run.dtype).removeprefix("torch."), "cpus": os.cpu_count(), "platform": platform.platform(),
+                "processes": run.dist.world, "strategy": run.strategy}
     if run.device.type == "cuda":
         hardware["gpu"] = torch.cuda.get_device_name(run.device)
     manifest = {
