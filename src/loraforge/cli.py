@@ -95,12 +95,24 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: --set train.lora.alpha=64 (repeatable).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Run the preflight checks only and print them.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run directory's last checkpoint.")] = False,
+    gpus: Annotated[
+        Optional[int],
+        typer.Option("--gpus", "--nproc", min=1, help="Processes, one per GPU, started by torchrun (without GPUs: CPU processes, gloo)."),
+    ] = None,
 ) -> None:
     """Train a LoRA / QLoRA adapter on gated data (raw data is gated first).
 
     Example: [bold]loraforge train --data gated/kept.jsonl --out runs/orders --max-steps 200[/bold]
+    On 8 GPUs: [bold]loraforge train --data gated/kept.jsonl --out runs/orders --gpus 8[/bold]
     """
     from rich.table import Table
+
+    from loraforge.train import launch
+
+    ctx = launch.Dist.from_env()
+    launch.check_launch(gpus, ctx)
+    if gpus and gpus > 1 and not ctx.enabled and not dry_run:
+        launch.relaunch_under_torchrun(gpus, sys.argv[1:])  # does not return: torchrun runs N of this command
 
     from loraforge.train.recipe import train as run_train
 
@@ -110,7 +122,9 @@ def train(
         "train.metrics_port": metrics_port, **_parse_sets(set_),
     }
     cfg = load_config(config, overrides)
-    result = run_train(cfg, resume=resume, dry_run=dry_run)
+    result = run_train(cfg, resume=resume, dry_run=dry_run, processes=gpus)
+    if not ctx.main:
+        return  # rank 0 reports for all
     table = Table(title="preflight")
     for column in ("level", "check", "finding", "fix"):
         table.add_column(column, overflow="fold")
@@ -142,6 +156,41 @@ def merge(
     from loraforge.train.merge import merge as run_merge
 
     console.print(f"merged model -> {run_merge(run_dir, out, dtype)}")
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (holds adapter/ and manifest.json); eval.json is written there.", show_default=False)],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Held-out test data, any format the gate reads; the last turn is the reference answer.")],
+    task: Annotated[str, typer.Option(help="auto (JSON-object references -> json, else text), json or text.")] = "auto",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most per answer (greedy, stops at end of turn).")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Samples per generation / loss batch.")] = 16,
+    examples: Annotated[int, typer.Option(help="Example outputs to show and keep in eval.json.")] = 5,
+    require: Annotated[Optional[list[str]], typer.Option("--require", help="Promotion requirement on the adapter's metrics: 'exact_match>=0.8' (repeatable; >=, >, <=, <, ==).")] = None,
+    require_better_than_base: Annotated[bool, typer.Option("--require-better-than-base", help="The adapter must beat the base on the primary metric (field_accuracy / rouge_l) and on loss.")] = False,
+) -> None:
+    """Evaluate base model and adapter side by side on held-out data; gate the adapter's promotion.
+
+    Exit code 3 when a promotion requirement fails (2 when the evaluation cannot run).
+
+    Example: [bold]loraforge eval runs/orders --data test.jsonl --require "exact_match>=0.8" --require-better-than-base[/bold]
+    """
+    from loraforge.eval import evaluate
+    from loraforge.eval.report import examples_table, metrics_table, promotion_lines
+
+    result = evaluate(
+        run_dir, data, max_new_tokens=max_new_tokens, batch_size=batch_size, task=task, examples=examples,
+        require=require, require_better_than_base=require_better_than_base, show_progress=True, console=console,
+    )
+    if result.examples:
+        console.print(examples_table(result))
+    console.print(metrics_table(result))
+    for line in promotion_lines(result):
+        console.print(line)
+    t = result.timings
+    console.print(f"eval.json -> {result.path}  ({t['total_s']:.1f} s: load {t['load_s']:.1f}, loss {t['loss_s']:.1f}, "
+                  f"generation {t['generate_base_s'] + t['generate_adapter_s']:.1f}, {t['tokens_per_s']:,.0f} tokens/s)")
+    result.promotion.raise_if_failed()
 
 
 @app.command()
@@ -217,6 +266,21 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the findi
     from loraforge import doctor as doctor_module
 
     raise typer.Exit(doctor_module.run(as_json=as_json))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A training run directory (the --out of `loraforge train`).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file to write (default: RUN_DIR/report.html).")] = None,
+    gate_dir: Annotated[Optional[Path], typer.Option("--gate", help="The gate's output folder or report.json (default: beside the training data).")] = None,
+) -> None:
+    """Write one self-contained report.html: gate breakdown, loss curves, eval base vs adapter, latency.
+
+    Example: [bold]loraforge report runs/mine[/bold]
+    """
+    from loraforge.report import write_report
+
+    console.print(f"report -> {write_report(run_dir, out, gate_dir)}")
 
 
 @app.command("demo-data")
@@ -309,6 +373,23 @@ def bench_serve_cmd(
     low, high = (int(x) for x in max_tokens.split(","))
     result = bench_serve(name, adapters, out, requests, concurrency, (low, high))
     console.print_json(json.dumps(result))
+
+
+@bench_app.command("train-distributed")
+def bench_train_distributed_cmd(
+    gpus: Annotated[int, typer.Option(help="GPUs of the multi-GPU cases (compared with 1).")] = 2,
+    cases: Annotated[str, typer.Option(help="8b: Llama-3-8B shape, bf16 LoRA, 1 GPU vs N (DDP); 70b: Llama-3-70B shape, QLoRA, FSDP over N.")] = "8b,70b",
+    steps: Annotated[int, typer.Option(help="Optimizer steps per case (tokens/s counts steps 2 on).")] = 8,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where train_distributed.json goes.")] = Path("bench-out/train-distributed"),
+    tokenizer: Annotated[Optional[Path], typer.Option(help="A tokenizer directory (default: the tiny in-process one).")] = None,
+) -> None:
+    """Training tokens/s and peak memory per GPU on N GPUs vs 1 (random weights, built on each GPU).
+
+    Example: [bold]loraforge bench train-distributed --gpus 2 --cases 8b,70b[/bold]
+    """
+    from loraforge.bench.train_distributed import main as bench_main
+
+    bench_main(["--gpus", str(gpus), "--cases", cases, "--steps", str(steps), "--out", str(out), *(["--tokenizer", str(tokenizer)] if tokenizer else [])])
 
 
 @bench_app.command("client")

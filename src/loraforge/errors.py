@@ -14,6 +14,8 @@ Every error a user can meet is a ``LoraforgeError``; its message says what went 
     │   ├── TrainingDiverged       NaN / inf loss or a loss spike: the last good weights are kept
     │   └── OutOfMemory            the run does not fit: says which setting to lower
     ├── TemplateError          a chat template that cannot be trained on (rewrites earlier turns)
+    ├── EvalError              evaluation cannot run: unreadable test data, no adapter in the run
+    ├── PromotionFailed        the adapter missed a promotion requirement (exit code 3, not 2)
     ├── ServeError             the server cannot load what it was asked to serve
     │   └── AdapterError           an adapter outside the adapter root, not safetensors, unknown
     ├── ClientError            the resilient client could not get an answer
@@ -78,6 +80,20 @@ class OutOfMemory(TrainError):
 
 class TemplateError(LoraforgeError):
     """A chat template loraforge cannot train on."""
+
+
+class EvalError(LoraforgeError):
+    """Evaluation cannot run: a test-data line that is not a usable sample, a run without an adapter."""
+
+
+class PromotionFailed(LoraforgeError):
+    """The evaluation ran, but the adapter missed a promotion requirement; the message has the numbers.
+
+    Its own exit code, so a CI job can tell "this adapter is not good enough" (3) from "the
+    evaluation could not run" (2).
+    """
+
+    exit_code = 3
 
 
 class ServeError(LoraforgeError):

@@ -86,3 +86,28 @@ def write_demo_data(path: Path | str, n: int = 400, seed: int = 0) -> dict[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"good": n + 1, "planted": len(planted) + 1}
+
+
+def write_test_data(path: Path | str, n: int = 40, seed: int = 1, exclude: Path | str | None = None) -> int:
+    """Write ``n`` clean held-out samples for ``loraforge eval``: a different seed than the
+    training data, and no sample whose question also appears in ``exclude`` (the training file),
+    so the evaluation measures what the adapter learned, not what it memorized."""
+    seen: set[str] = set()
+    if exclude is not None:
+        for line in Path(exclude).read_text(encoding="utf-8").splitlines():
+            try:
+                seen.add(json.loads(line)["messages"][0]["content"])
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+                continue  # the planted bad lines of the training file
+    rng = random.Random(seed)
+    lines: list[str] = []
+    while len(lines) < n:
+        sample = order_sample(rng)
+        question = sample["messages"][0]["content"]
+        if question not in seen:
+            seen.add(question)
+            lines.append(json.dumps(sample))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return n
