@@ -86,7 +86,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path, tiny_model_dir):
     assert dom.returncode == 0, dom.stderr[-2000:]
     body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
     assert 'data-rendered="ok"' in body, body  # every image decoded, no script error
-    assert 'data-images="4"' in body and 'data-broken-images="0"' in body
+    assert 'data-images="3"' in body and 'data-broken-images="0"' in body
 
     png = tmp_path / "report.png"
     shot = chromium("--window-size=1200,2400", f"--screenshot={png}", report.as_uri(), user_data=tmp_path / "chrome-shot")

@@ -225,7 +225,7 @@ def _template():
 
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("loraforge.report", "templates"),
-        autoescape=jinja2.select_autoescape(["html"]),
+        autoescape=True,  # every string in the page comes from data files
         undefined=jinja2.StrictUndefined,
     )
     env.filters["num"] = _num
