@@ -232,10 +232,8 @@ class AsyncLLMClient:
         failures: dict[str, str] = {}
         attempts = 0
         for index, route in enumerate(self.routes):
-            permit = self.breakers[route.name].acquire()
+            permit = self._admit(index, route, failures)
             if permit is None:
-                failures[route.name] = "circuit open"
-                self._fallback(index, "circuit_open")
                 continue
             payload = {"messages": _messages(route, prompt, messages), "max_tokens": max_tokens, "temperature": temperature, **params}
             for attempt in range(self.retry.attempts_per_route):
@@ -279,6 +277,14 @@ class AsyncLLMClient:
             raise DeadlineExceeded(f"deadline of {deadline - started:.2f} s passed; tried: {failures}", failures)
         raise AllRoutesFailed(failures)
 
+    def _admit(self, index: int, route: Route, failures: dict[str, str]):
+        """The route's breaker permit, or None (recorded as a circuit_open fallback) when open."""
+        permit = self.breakers[route.name].acquire()
+        if permit is None:
+            failures[route.name] = "circuit open"
+            self._fallback(index, "circuit_open")
+        return permit
+
     def _fallback(self, index: int, reason: str) -> None:
         if index + 1 < len(self.routes):
             self.metrics.fallbacks.labels(self.routes[index].name, self.routes[index + 1].name, reason).inc()
@@ -290,10 +296,8 @@ class AsyncLLMClient:
         deadline = started + (deadline_s if deadline_s is not None else self.deadline_s)
         failures: dict[str, str] = {}
         for index, route in enumerate(self.routes):
-            permit = self.breakers[route.name].acquire()
+            permit = self._admit(index, route, failures)
             if permit is None:
-                failures[route.name] = "circuit open"
-                self._fallback(index, "circuit_open")
                 continue
             payload = {"messages": _messages(route, prompt, messages), "max_tokens": max_tokens, "temperature": temperature, "stream": True, **params}
             partial = ""
