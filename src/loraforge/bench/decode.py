@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge.bench.serve import random_adapters
 from loraforge.serve.engine import GenRequest
 
 
@@ -97,20 +98,6 @@ def build_model(arch: str, device: str):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.eval()
-
-
-def write_random_adapters(model, out: Path, count: int, r: int) -> dict[str, Path]:
-    """``count`` all-linear LoRA adapters of rank ``r`` with random A and B, in PEFT format."""
-    from peft import LoraConfig, get_peft_model
-
-    paths = {}
-    for k in range(count):
-        torch.manual_seed(100 + k)
-        peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False))
-        paths[f"adapter{k}"] = out / f"adapter{k}"
-        peft.save_pretrained(paths[f"adapter{k}"])
-        model = peft.unload()
-    return paths
 
 
 def generate_baseline(model, prompt_len: int, new_tokens: int, streams: int, vocab: int) -> dict:
@@ -227,7 +214,7 @@ def bench_decode(arch: str, out: Path, streams: int, prompt_len: int, new_tokens
     result = {"arch": arch, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "streams": streams, "prompt_len": prompt_len, "new_tokens": new_tokens, "prefill_chunk": prefill_chunk}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_random_adapters(model, Path(tmp), adapters, rank)
+        paths = random_adapters(model, Path(tmp), adapters, rank)
         result["build_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps({"built": result["build_s"]}), flush=True)
         if not skip_generate:

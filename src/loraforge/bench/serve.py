@@ -36,14 +36,23 @@ def make_random_adapters(model_dir: Path, out: Path, count: int, r: int = 16) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return random_adapters(base, out, count, r, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+
+
+def random_adapters(base, out: Path, count: int, r: int = 16, tokenizer=None) -> dict[str, Path]:
+    """Save ``count`` all-linear adapters of rank ``r`` with random A and B for the in-memory ``base``
+    (left unchanged), in PEFT format, each with ``tokenizer`` when given."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
     paths = {}
     for k in range(count):
         torch.manual_seed(k)
         model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"))
         paths[f"adapter{k}"] = out / f"adapter{k}"
         model.save_pretrained(paths[f"adapter{k}"])
-        tokenizer.save_pretrained(paths[f"adapter{k}"])
+        if tokenizer is not None:
+            tokenizer.save_pretrained(paths[f"adapter{k}"])
         base = model.unload()
     return paths
 

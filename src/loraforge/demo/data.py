@@ -77,8 +77,7 @@ def write_demo_data(path: Path | str, n: int = 400, seed: int = 0) -> dict[str, 
     planted = _planted(rng)
     # the exact duplicate must come after its original: plant it at the end
     duplicate = planted.pop()
-    duplicate_of = json.loads(duplicate[1])
-    lines.insert(0, json.dumps(duplicate_of))
+    lines.insert(0, duplicate[1])
     for _, line in planted:
         lines.insert(rng.randrange(1, len(lines)), line)
     lines.append(duplicate[1])

@@ -92,15 +92,18 @@ def run_demo(out: Path, model: str, console: Console) -> None:
 def summary_table(gate_report, result, evaluation, latencies: list[dict]):
     from rich.table import Table
 
+    from loraforge.eval.metrics import PRIMARY
     from loraforge.report import latency_table
 
     base, adapter = evaluation.base, evaluation.adapter
-    primary = "field_accuracy" if evaluation.task == "json" else "rouge_l"
+    primary = PRIMARY[evaluation.task]
     table = Table(title="loraforge demo: summary")
     table.add_column("stage")
     table.add_column("result")
     table.add_row("gate", f"{gate_report.kept} kept, {gate_report.rejected} rejected ({len(gate_report.reasons)} reasons)")
-    first_loss = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    from loraforge.train.report import read_metrics
+
+    first_loss = read_metrics(result.run_dir / "metrics.jsonl")[0]["loss"]
     table.add_row("train", f"{result.steps} steps, loss {first_loss:.2f} -> {result.metrics['train_loss']:.2f}")
     table.add_row(
         "eval",

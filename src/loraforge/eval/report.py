@@ -6,13 +6,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from loraforge.eval import EvalResult
+from loraforge.eval.metrics import LOSS_METRICS
 
-LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
 def _delta(metric: str, base: float, adapter: float) -> str:
     delta = adapter - base
-    better = delta < 0 if metric in LOWER_IS_BETTER else delta > 0
+    better = delta < 0 if metric in LOSS_METRICS else delta > 0
     color = "green" if better else ("red" if delta != 0 else "dim")
     return f"[{color}]{delta:+.4g}[/]"
 

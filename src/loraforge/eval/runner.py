@@ -33,6 +33,7 @@ from loraforge.errors import EvalError, TrainError
 from loraforge.eval.samples import EvalSample
 from loraforge.train.batch import collate, token_loss_sum
 from loraforge.train.data import ChatTokenizer, truncate
+from loraforge.train.model import pick_device
 
 DEFAULT_MAX_SEQ_LENGTH = 2048  # when the run's manifest does not say what it trained with
 
@@ -107,7 +108,7 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     manifest = _manifest(run_dir if adapter != run_dir else run_dir.parent)
     base_name = manifest.get("model") or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     max_seq_length = (manifest.get("config") or {}).get("train", {}).get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(adapter) if (adapter / "tokenizer_config.json").is_file() else load_tokenizer(base_name)
     base = load_causal_lm(base_name, dtype=dtype).to(device)

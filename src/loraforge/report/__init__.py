@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from loraforge.errors import InputError
+from loraforge.eval.metrics import LOSS_METRICS
+from loraforge.train.report import draw_loss, read_metrics
 
 __all__ = ["collect", "write_report"]
 
@@ -41,20 +43,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})") from exc
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    rows = []
-    if not path.exists():
-        return rows
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-    return rows
 
 
 def _gate_report_path(run_dir: Path, manifest: dict | None, gate: Path | None) -> Path | None:
@@ -79,7 +67,7 @@ def collect(run_dir: Path | str, gate: Path | str | None = None) -> dict:
     return {
         "run_dir": str(run_dir),
         "manifest": manifest,
-        "metrics": _read_metrics(run_dir / "metrics.jsonl"),
+        "metrics": read_metrics(run_dir / "metrics.jsonl"),
         "gate": _read_json(gate_path) if gate_path else None,
         "gate_path": str(gate_path) if gate_path else None,
         "eval": _read_json(run_dir / "eval.json"),
@@ -114,13 +102,8 @@ def loss_plot(rows: list[dict]) -> str | None:
         return None
     plt = _pyplot()
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [2, 1]})
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
-    evals = [r for r in rows if "eval_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-    ax.set(xlabel="optimizer step", ylabel="loss (supervised tokens)", title="loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    draw_loss(ax, rows)
+    ax.set_title("loss")
     ax_lr.plot([r["step"] for r in rows], [r.get("lr", 0) for r in rows], color="tab:green")
     ax_lr.set(xlabel="optimizer step", title="learning rate")
     ax_lr.grid(alpha=0.3)
@@ -184,13 +167,12 @@ def eval_table(evaluation: dict | None) -> list[dict]:
     if not evaluation:
         return []
     base, adapter = evaluation.get("base", {}), evaluation.get("adapter", {})
-    lower_is_better = {"loss", "perplexity"}
     rows = []
     for name in adapter:
         b, a = base.get(name), adapter[name]
         if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
             continue
-        better = (a < b) if name in lower_is_better else (a > b)
+        better = (a < b) if name in LOSS_METRICS else (a > b)
         rows.append({"metric": name, "base": b, "adapter": a, "delta": a - b, "better": better, "worse": a != b and not better})
     return rows
 

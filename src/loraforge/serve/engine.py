@@ -99,11 +99,15 @@ class EngineBase:
 
     # ---- tokens -> text, shared by the engines ------------------------------------------
 
+    def _cancel(self, r: GenRequest) -> None:
+        """The client went away: record it and stop spending compute on the request."""
+        r.finish_reason = "cancelled"
+        if self.metrics:
+            self.metrics.requests.labels("cancelled").inc()
+
     def _advance(self, r: GenRequest, token: int) -> None:
-        if r.cancelled.is_set():  # the client went away: stop spending compute on it
-            r.finish_reason = "cancelled"
-            if self.metrics:
-                self.metrics.requests.labels("cancelled").inc()
+        if r.cancelled.is_set():
+            self._cancel(r)
             return
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()

@@ -56,13 +56,14 @@ import torch
 
 from loraforge.errors import ConfigError
 from loraforge.train.launch import Dist
+from loraforge.train.model import pick_device
 
 
 def device_of(ctx: Dist) -> torch.device:
     """This process's device: GPU ``LOCAL_RANK`` (one GPU a process), or the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", ctx.local_rank) if ctx.enabled else torch.device("cuda")
+    if not ctx.enabled:
+        return pick_device()
+    return torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def init(ctx: Dist) -> torch.device:

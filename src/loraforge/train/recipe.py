@@ -325,8 +325,9 @@ class TrainRun:
         tokens of the whole step (all ranks), times the world size that gradient averaging
         divides by again. Returns loss, tokens (all ranks), gradient norm, per-rank numbers."""
         world = self.dist.world
-        supervised = max(self.supervised_tokens(self.global_micro_batches(self.step)), 1)  # the same on every rank
-        mine = self.micro_batches(self.step)
+        micro = self.global_micro_batches(self.step)
+        supervised = max(self.supervised_tokens(micro), 1)  # the same on every rank
+        mine = dist_mod.shard_micro_batches(micro, self.dist.rank, self.dist.world)
         torch.manual_seed((self.cfg.seed * 1_000_003 + self.step) * 1_009 + self.dist.rank)  # dropout: f(seed, step, rank)
         loss_sum, tokens = torch.zeros((), device=self.device), 0
         for i, ids in enumerate(mine):

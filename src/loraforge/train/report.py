@@ -87,14 +87,25 @@ def _gpu_utilization() -> float | None:
     return None
 
 
-def plot_loss(metrics: Path, out: Path) -> None:
-    import matplotlib
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (none when it does not exist); a bad line names itself."""
+    from loraforge.errors import InputError
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    rows = []
+    if not path.exists():
+        return rows
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+    return rows
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    fig, ax = plt.subplots(figsize=(7, 4))
+
+def draw_loss(ax, rows: list[dict]) -> None:
+    """Train loss per step and eval loss where measured, on one matplotlib axis."""
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
     evals = [r for r in rows if "eval_loss" in r]
     if evals:
@@ -103,6 +114,16 @@ def plot_loss(metrics: Path, out: Path) -> None:
     ax.set_ylabel("loss (mean over supervised tokens)")
     ax.legend()
     ax.grid(alpha=0.3)
+
+
+def plot_loss(metrics: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    draw_loss(ax, read_metrics(metrics))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -151,6 +172,6 @@ def write_manifest(run, status: str) -> None:
 
 
 def _last_losses(metrics: Path) -> dict:
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    rows = read_metrics(metrics)
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     return {"train_loss": rows[-1]["loss"] if rows else None, "first_train_loss": rows[0]["loss"] if rows else None, "eval_loss": evals[-1] if evals else None}

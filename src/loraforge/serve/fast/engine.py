@@ -177,7 +177,7 @@ class FastEngine(EngineBase):
         """One chunk of prompt tokens; requests whose prompt completes start decoding."""
         for seq in [s for s in self.prefilling if s.request.cancelled.is_set()]:
             self.prefilling.remove(seq)
-            self._advance(seq.request, token=-1)  # a cancelled request only records that it was
+            self._cancel(seq.request)
             self._release(seq)
         budget, pieces, joined = self.prefill_chunk, [], []
         for seq in self.prefilling:
@@ -251,7 +251,7 @@ class FastEngine(EngineBase):
         for seq in step.rows:
             if seq.request.finish_reason is None:  # else: its extra token, computed before we knew
                 self._advance(seq.request, host[offset + seq.slot])
-        for seq in {id(s): s for s in (*step.joined, *step.rows)}.values():
+        for seq in (*step.joined, *step.rows):  # a joined row is also in rows: _release is idempotent
             if seq.request.finish_reason is not None:
                 self._release(seq)
 
