@@ -290,8 +290,8 @@ class TrainRun:
                         record["gpu_memory_allocated_bytes"] = self.peak_memory_per_rank[0]
                         if self.dist.enabled:
                             record["gpu_memory_allocated_bytes_per_rank"] = self.peak_memory_per_rank
-                            if cfg.metrics_port:
-                                record["gpu_utilization_per_rank"] = [r[3] if r[3] >= 0 else None for r in ranks]
+                        if cfg.metrics_port:  # measured in the step (every rank's, gathered): not again here
+                            record["gpu_utilization_per_rank"] = [r[3] if r[3] >= 0 else None for r in ranks]
                     stop = False
                     if self.eval_rows and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                         eval_loss = record["eval_loss"] = self.evaluate()

@@ -40,7 +40,7 @@ class MetricsSink:
             self.gauges["grad_norm"].set(record["grad_norm"])
             self.gauges["tps"].set(record["tokens_per_s"])
             memory = record.get("gpu_memory_allocated_bytes_per_rank") or [record.get("gpu_memory_allocated_bytes")]
-            utilization = record.get("gpu_utilization_per_rank") or [_gpu_utilization()]
+            utilization = record.get("gpu_utilization_per_rank") or []
             for rank, value in enumerate(memory):
                 if value is not None:
                     self.gauges["gpu_mem"].labels(rank=str(rank)).set(value)
@@ -74,17 +74,6 @@ def training_gauges(registry) -> dict:
         "gpu_mem": Gauge("loraforge_gpu_memory_allocated_bytes", "Peak GPU memory allocated by PyTorch", ["rank"], registry=registry),
         "gpu_util": Gauge("loraforge_gpu_utilization_ratio", "GPU utilization (NVML), 0-1", ["rank"], registry=registry),
     }
-
-
-def _gpu_utilization() -> float | None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.utilization() / 100  # NVML through pynvml when installed
-    except Exception:  # no NVML: the gauge stays unset
-        return None
-    return None
 
 
 def read_metrics(path: Path) -> list[dict]:
