@@ -375,6 +375,29 @@ def bench_serve_cmd(
     console.print_json(json.dumps(result))
 
 
+@bench_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_train_cmd(
+    ctx: typer.Context,
+    arch: Annotated[str, typer.Option(help="llama3-8b (random bf16 weights, GPU) or smollm2 (the embedded default's shape; runs on CPU).")] = "llama3-8b",
+    engines: Annotated[str, typer.Option(help="Comma list of hf-peft, loraforge, loraforge-lean, unsloth.")] = "hf-peft,loraforge,loraforge-lean,unsloth",
+    cases: Annotated[str, typer.Option(help="dense (2 x 4096 random tokens) and/or alpaca (the shared file, real lengths).")] = "dense,alpaca",
+    quants: Annotated[str, typer.Option(help="bf16 and/or nf4 (QLoRA, CUDA only).")] = "bf16,nf4",
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps per engine (after --warmup).")] = 8,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where results.json goes.")] = Path("bench-out/train"),
+) -> None:
+    """Training tokens/s, peak memory and epoch time: hf-peft, loraforge and Unsloth side by side.
+
+    Each engine runs in its own process on the same model folder and data. More options
+    (--warmup, --samples, --max-seq-length, --lean-budget, --alpaca, --loraforge-set K=V):
+    `python -m loraforge.bench.train_speed --help`.
+
+    Example: [bold]loraforge bench train --arch smollm2 --engines hf-peft,loraforge --cases alpaca --quants bf16 --steps 3[/bold]
+    """
+    from loraforge.bench.train_speed import main as bench_main
+
+    bench_main(["--arch", arch, "--engines", engines, "--cases", cases, "--quants", quants, "--steps", str(steps), "--out", str(out), *ctx.args])
+
+
 @bench_app.command("train-distributed")
 def bench_train_distributed_cmd(
     gpus: Annotated[int, typer.Option(help="GPUs of the multi-GPU cases (compared with 1).")] = 2,

@@ -178,8 +178,27 @@ class TrainConfig(_Section):
     quantization: Literal["nf4"] | None = None
     # auto: bf16 on GPUs that support it, fp32 on CPU.
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    # Recompute activations in backward: ~30% slower, much less activation memory. auto: on GPU.
+    # Recompute activations in backward: ~30% slower for the layers recomputed, much less memory.
+    # true / false: every layer / none. null: the memory planner recomputes only the layers whose
+    # activations do not fit train.memory_budget_gib (shown by --dry-run).
     gradient_checkpointing: bool | None = None
+    # The planner's budget (null: 90% of the device's free memory). A lower budget trades speed
+    # for memory: at the lowest, every layer is recomputed and its input offloaded to CPU memory.
+    memory_budget_gib: float | None = Field(default=None, gt=0)
+    # Checkpointed layers keep their input in pinned CPU memory (CUDA). null: only when recomputing
+    # every layer still exceeds the budget.
+    offload_activations: bool | None = None
+    # varlen: padding-free packing, a micro-batch's samples in one flat row and flash varlen
+    # attention confined to each sample (CUDA). sdpa: padded rows with a block mask (any device).
+    # auto: varlen where the kernel exists.
+    attention: Literal["auto", "varlen", "sdpa"] = "auto"
+    # The loss straight from the last hidden states, chunk by chunk, never the whole logits tensor
+    # (Liger's kernel when installed). null: on CUDA.
+    fused_loss: bool | None = None
+    # LoRA weights, their gradients and AdamW state: fp32 (PEFT's default: exact small updates, and
+    # PEFT casts each LoRA input to fp32) or the base model's dtype (bf16 on GPU: half the memory
+    # and traffic of the adapter path, updates rounded to bf16).
+    adapter_dtype: Literal["fp32", "model"] = "fp32"
     # Liger kernels and the like, when installed (GPU only). False switches them off.
     accelerations: bool = True
     checkpoint_every: int = Field(default=50, ge=1)

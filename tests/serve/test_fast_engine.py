@@ -135,15 +135,67 @@ def test_mixed_adapters_in_one_batch_equal_peft(llama_dir, adapter_dirs):
     assert len(set(map(tuple, same_prompt))) == 3
 
 
-def test_gather_mode_gives_the_same_tokens(llama_dir, adapter_dirs):
+def test_lora_modes_give_the_same_tokens(llama_dir, adapter_dirs):
     cases = [(PROMPTS[0], None), (PROMPTS[1], "a4"), (PROMPTS[2], "a8"), (PROMPTS[0], "a16")]
-    dense, gather = engine(llama_dir, adapter_dirs), engine(llama_dir, adapter_dirs, lora_mode="gather")
-    results = []
-    for e in (dense, gather):
+    results = {}
+    for mode in ("fused", "dense", "gather"):
+        e = engine(llama_dir, adapter_dirs, lora_mode=mode)
         reqs = [request(p, adapter=a, tokenizer=e.tokenizer) for p, a in cases]
         e.run_batch(reqs)
-        results.append([r.generated for r in reqs])
-    assert results[0] == results[1]
+        results[mode] = [r.generated for r in reqs]
+    assert results["fused"] == results["dense"] == results["gather"]
+
+
+def test_fused_linears_equal_dense_through_add_remove_and_growth(llama_dir, adapter_dirs):
+    """The folded shrink (A under the base weight) + masked expand against the dense reference,
+    for every layer and group, mixed slots with base rows, while the bank grows and shrinks;
+    the HF model keeps its base weights (views, not copies) through the reallocations."""
+    import torch.nn.functional as F
+
+    e = engine(llama_dir)
+    bank, hf = e.runner.lora, e.model
+    assert bank.mode == "fused" and bank.empty
+    assert all(w.weight.shape[0] == w.out for layer in bank.weights for w in layer.values())  # no extra columns
+    torch.manual_seed(0)
+
+    def check():
+        slot = torch.tensor([0, *bank.slots.values(), 0, *bank.slots.values(), 0])
+        adapted = 0
+        for layer in range(bank.num_layers):
+            for group, w in bank.weights[layer].items():
+                x = torch.randn(len(slot), w.in_features)
+                got, ref = {}, {}
+                for mode, into in (("dense", ref), ("fused", got)):
+                    bank.set_mode(mode)
+                    into["out"] = bank.linear(layer, group, x, bank.step_inputs(slot)).clone()
+                torch.testing.assert_close(got["out"], ref["out"], atol=1e-5, rtol=1e-5)
+                base = F.linear(x, w.base, w.bias)
+                assert torch.equal(got["out"][slot == 0], base[slot == 0])  # base rows: the base alone
+                adapted += not torch.allclose(got["out"][slot > 0], base[slot > 0])
+        assert adapted >= bank.num_layers  # the adapters change something: the comparison means something
+        for layer in bank.weights:
+            for w in layer.values():
+                assert all(m.weight.untyped_storage().data_ptr() == w.weight.untyped_storage().data_ptr() for m in w.linears)
+        qkv = bank.weights[0]["qkv"]
+        assert bank.linear(0, "qkv", torch.randn(2, qkv.in_features), None).shape[1] == qkv.out  # without LoRA: the base rows only
+
+    versions = [bank.version]
+    e.add_adapter("a8", adapter_dirs["a8"])  # K 1 -> 2, R 0 -> 8
+    check()
+    e.add_adapter("a4", adapter_dirs["a4"])  # K -> 3
+    check()
+    e.remove_adapter("a8")
+    e.add_adapter("a16", adapter_dirs["a16"])  # slot 1 again; R -> 16: base and A move to new tensors
+    assert bank.slots == {"a4": 2, "a16": 1} and (bank.K, bank.R) == (3, 16)
+    check()
+    versions.append(bank.version)
+    e.remove_adapter("a4")
+    e.remove_adapter("a16")
+    assert bank.step_inputs(torch.tensor([0, 0])) is None and bank.version > versions[-1]  # empty: graphs without LoRA again
+    fresh, _ = load(llama_dir)
+    ids = torch.tensor([PROMPTS[3]])
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, fresh(ids).logits)  # the HF model still computes the base model
 
 
 def test_requests_joining_mid_decode_get_their_own_tokens(llama_dir):
@@ -330,6 +382,53 @@ def test_cuda_bf16_graphs_equal_eager_and_generate(llama_dir, adapter_dirs):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     assert_greedy_equal(results[True][0], out.sequences[0, len(PROMPTS[0]) :].tolist(), out.logits, tie=0.1)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",  # fp32, the torch expand
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),  # bf16, Triton, CUDA graphs
+])
+def test_fused_lora_gives_dense_logits_and_greedy_tokens(llama_dir, adapter_dirs, device):
+    """Fused against dense on one runner, teacher-forced: a prefill chunk mixing the base and
+    three adapters, then decode steps (through the CUDA graphs on a GPU), each step run in both
+    modes from the same cache and state; then dense's greedy tokens are fed to both. Adapters
+    are added after graphs were captured (the bank grows, the base weights move)."""
+    from loraforge.serve.fast import kernels
+
+    dtype, tol = (torch.bfloat16, 0.05) if device == "cuda" else (torch.float32, 1e-4)
+    e = engine(llama_dir, {"a4": adapter_dirs["a4"]}, device=device, dtype=dtype, max_batch_size=8, prefill_chunk=64)
+    runner, bank = e.runner, e.runner.lora
+    assert bank.mode == "fused" and bank.triton == (device == "cuda" and kernels.AVAILABLE)
+    e.run_batch([request(PROMPTS[1], max_tokens=8, adapter="a4", tokenizer=e.tokenizer), request(PROMPTS[0], max_tokens=8, tokenizer=e.tokenizer)])
+    e.add_adapter("a8", adapter_dirs["a8"])
+    e.add_adapter("a16", adapter_dirs["a16"])  # K 2 -> 4, R 4 -> 16
+    cases = [(PROMPTS[0], None), (PROMPTS[1], "a4"), (PROMPTS[2], "a8"), (PROMPTS[3], "a16"), (PROMPTS[0], "a4"), (PROMPTS[3], "a8")]
+    pieces = [(slot, prompt, 0, bank.slot_of(adapter)) for slot, (prompt, adapter) in enumerate(cases)]
+    b, rows = 8, torch.arange(len(cases), device=device)
+
+    def both(step):
+        out = {}
+        for mode in ("dense", "fused"):
+            bank.set_mode(mode)
+            out[mode] = step().float()
+        scale = out["dense"].abs().max()
+        torch.testing.assert_close(out["fused"], out["dense"], atol=tol * scale, rtol=0)
+        top = out["dense"].topk(2, dim=-1)
+        margin = top.values[:, 0] - top.values[:, 1]
+        same = out["fused"].argmax(-1) == top.indices[:, 0]
+        assert bool((same | (margin <= 2 * tol * scale)).all())  # same greedy token unless dense's top two tie
+        return top.indices[:, 0]
+
+    first = both(lambda: runner.prefill(pieces, list(range(len(pieces)))))
+    st = runner.state
+    st.tokens[rows], st.positions[rows], st.active[rows] = first, torch.tensor([len(p) for p, _ in cases], device=device), True
+    st.adapter[rows] = torch.tensor([p[3] for p in pieces], device=device)
+    decode = (lambda: e.graphs.decode(b, 64)) if e.graphs is not None else (lambda: runner.decode(b, 64))
+    for _ in range(12):
+        tokens = both(decode)[: len(cases)]
+        runner.commit(b, torch.cat([tokens, torch.zeros(b - len(cases), dtype=tokens.dtype, device=device)]))
+    if device == "cuda":
+        assert e.graphs.captured >= 1
 
 
 def test_fast_and_hf_servers_give_the_same_answers(server, adapters, tiny_model_dir, tmp_path):

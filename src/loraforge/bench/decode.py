@@ -6,8 +6,9 @@ Measured in one run, on one model, all in-process (no HTTP: the engine alone):
   generated tokens/s for ``streams`` prompts in one batch;
 * the fast engine, base model only: TPOT p50 of one stream; tokens/s of ``streams``
   concurrent streams (submitted at once, prompt + answer timed end to end);
-* the same with ``adapters`` random LoRA adapters loaded and every request on one of them
-  (dense batched LoRA, then the gather form), and its ratio to the base-only tokens/s;
+* the same with ``adapters`` random LoRA adapters loaded and every request on one of them,
+  once per way of applying batched LoRA (``lora_mode``: fused, the default, then dense and
+  gather), each with its ratio to the base-only tokens/s;
 * TTFT of a ``long_prompt``-token prompt at low load, and while ``streams - 1`` others decode
   (with the longest gap those streams saw between two tokens meanwhile: chunked prefill
   bounds it by one chunk).
@@ -241,7 +242,9 @@ def bench_decode(arch: str, out: Path, streams: int, prompt_len: int, new_tokens
         for name, path in paths.items():
             engine.add_adapter(name, path)
         names = list(paths)
-        for mode in ("dense", "gather"):
+        default_mode = engine.runner.lora.mode
+        fast["lora_expand"] = "triton" if engine.runner.lora.triton else "torch"  # fused mode's expand kernel
+        for mode in ("fused", "dense", "gather"):
             with engine.lock:
                 engine.runner.lora.set_mode(mode)
             drive.streams(streams, prompt_len, new_tokens, names)  # warm-up (graphs)
@@ -250,7 +253,7 @@ def bench_decode(arch: str, out: Path, streams: int, prompt_len: int, new_tokens
             fast[f"adapter_streams_{mode}"] = run
             print(json.dumps({mode: run}), flush=True)
         with engine.lock:
-            engine.runner.lora.set_mode("dense")
+            engine.runner.lora.set_mode(default_mode)
         drive.streams(streams, prompt_len, new_tokens, [None, *names])  # warm-up (graphs again after the mode switch)
         fast["single_stream_adapter"] = drive.single(prompt_len, new_tokens, 2, names[0])
         fast["mixed_streams_base_and_adapters"] = drive.streams(streams, prompt_len, new_tokens, [None, *names])

@@ -20,7 +20,7 @@ LLAMA3_8B = dict(
 )
 
 
-def build_random_model(arch: str, tokenizer_dir: Path, out: Path) -> Path:
+def build_random_model(arch: str, tokenizer_dir: Path, out: Path, device: str = "cuda") -> Path:
     """A bf16 model of ``arch`` (smollm2 | llama3-8b) with random weights and the embedded tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -31,7 +31,7 @@ def build_random_model(arch: str, tokenizer_dir: Path, out: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -109,7 +109,7 @@ class SpecialTokenCheck(Check):
     def __call__(self, sample: Sample) -> Reject | None:
         for i, message in enumerate(sample.messages):
             text = message["content"]
-            if not self.first_chars.intersection(text):
+            if not any(c in text for c in self.first_chars):  # a few substring searches in C
                 continue
             match = self.pattern.search(text)
             if match:

@@ -26,14 +26,20 @@ _WORD = re.compile(r"\w+")
 _MERSENNE = np.uint64((1 << 61) - 1)
 
 
+# ASCII bytes -> the lower-case word character, or a space (see repetition.words_of)
+_ASCII_WORDS = bytes(c if chr(c).isalnum() or c == ord("_") else ord(" ") for c in range(128)).lower() + b" " * 128
+
+
 def normalized_text(messages: list[dict[str, str]]) -> str:
     """Case, accents of compatibility forms, whitespace and punctuation do not make a sample new."""
     parts = []
     for m in messages:
         text = m["content"]
-        # NFKC and casefold are identities on ASCII beyond lower(): skip the costly calls
-        text = text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()
-        parts.append(m["role"] + ": " + " ".join(_WORD.findall(text)))
+        if text.isascii():  # NFKC and casefold are identities on ASCII beyond lower(): skip the regex too
+            words = text.encode("ascii").translate(_ASCII_WORDS).decode("ascii").split()
+        else:
+            words = _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+        parts.append(m["role"] + ": " + " ".join(words))
     return "\n".join(parts)
 
 
@@ -53,6 +59,7 @@ class _WordHashes(dict):
 
 _WORD_HASHES = _WordHashes()
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_MIX_POWERS = {1 << k: np.uint64(pow(0x9E3779B97F4A7C15, 1 << k, 1 << 64)) for k in range(32)}
 
 
 def word_hashes(words: list[str]) -> np.ndarray:
@@ -64,10 +71,22 @@ def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
     count = len(hashes) - n + 1
     if count <= 0:
         return np.zeros(0, dtype=np.uint64)
-    grams = hashes[:count].copy()
-    for k in range(1, n):
-        grams = grams * _MIX + hashes[k : k + count]
-    return grams
+    # gram(i, n) = sum_k hashes[i + k] * MIX^(n-1-k) mod 2^64, built by doubling:
+    # gram(i, a + b) = gram(i, a) * MIX^b + gram(i + a, b), about 2 log2(n) array operations
+    grams, have = None, 0  # grams of `have` words, for the first len(hashes) - have + 1 positions
+    power, width = hashes, 1  # grams of `width` words (a power of two)
+    while True:
+        if n & width:
+            if grams is None:
+                grams, have = power, width
+            else:
+                grams = grams[: len(power) - have] * _MIX_POWERS[width] + power[have:]
+                have += width
+        if width * 2 > n:
+            break
+        power = power[:-width] * _MIX_POWERS[width] + power[width:]
+        width *= 2
+    return grams[:count].copy() if grams is hashes else grams[:count]
 
 
 def sample_features(sample: Sample) -> tuple[str, list[str], np.ndarray]:
@@ -106,14 +125,21 @@ class MinHasher:
         self.b = rng.integers(0, int(_MERSENNE), num_perm, dtype=np.uint64)
         self.bands, self.rows = lsh_params(threshold, num_perm)
         self.n = shingle_words
+        self.buffer = np.empty((256, num_perm), dtype=np.uint64)
 
     def signature(self, hashes: np.ndarray) -> np.ndarray:
         """MinHash of the word ``n``-gram shingles, from the words' hashes."""
         shingles = ngram_hashes(hashes, self.n)
         if not len(shingles):  # fewer words than a shingle: the whole text is one shingle
             shingles = ngram_hashes(hashes, len(hashes)) if len(hashes) else np.zeros(1, dtype=np.uint64)
-        # universal hashing a*x+b, wrapping mod 2^64; the high bits decide the minimum
-        return (shingles[:, None] * self.a[None, :] + self.b[None, :]).min(axis=0)
+        # universal hashing a*x+b, wrapping mod 2^64; the high bits decide the minimum. In place in
+        # a buffer kept between calls: a fresh (shingles x num_perm) array costs page faults.
+        if len(self.buffer) < len(shingles):
+            self.buffer = np.empty((max(len(shingles), 2 * len(self.buffer)), len(self.a)), dtype=np.uint64)
+        values = self.buffer[: len(shingles)]
+        np.multiply(shingles[:, None], self.a[None, :], out=values)
+        values += self.b[None, :]
+        return values.min(axis=0)
 
     def keys(self, hashes: np.ndarray) -> tuple[list[int], bytes]:
         """LSH band keys, and the top byte of every minimum (b-bit MinHash, b = 8) to verify a hit."""
@@ -230,7 +256,7 @@ class EvalOverlapCheck:
         grams = ngram_hashes(hashes, self.n)
         if not len(grams) or not len(self.keys):
             return None
-        slots = np.searchsorted(self.keys, grams).clip(max=len(self.keys) - 1)
+        slots = np.minimum(np.searchsorted(self.keys, grams), len(self.keys) - 1)
         hits = np.flatnonzero(self.keys[slots] == grams)
         if not len(hits):
             return None

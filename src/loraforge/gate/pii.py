@@ -36,17 +36,51 @@ def _valid(kind: str, text: str) -> bool:
 # Cheap necessary conditions, tested first: most text has no '@', no long digit run, no key prefix.
 _PREFILTERS: dict[str, re.Pattern] = {
     "email": re.compile(r"@"),
-    "phone": re.compile(r"\d{4}"),
-    "ip": re.compile(r"\d\.\d|[0-9a-fA-F]:[0-9a-fA-F]"),
+    # every phone match ends in 3 digits, a separator and 4 digits, or starts with + and a digit
+    "phone": re.compile(r"\d{3}[ .-]\d{4}|\+\d"),
+    # a dotted quad holds "d.d{1,3}.d"; eight hex groups hold "h:h{1,4}:h"
+    "ip": re.compile(r"\d\.\d{1,3}\.\d|[0-9a-fA-F]:[0-9a-fA-F]{1,4}:[0-9a-fA-F]"),
     "api_key": re.compile(r"sk-|AKIA|gh[pousr]_|xox|AIza|hf_"),
 }
+
+
+# For ASCII text the prefilters are substring searches in C over a copy whose digits are all
+# "0" (and, for IPv6, whose hex digits are all "h"): the same conditions, without a regex scan.
+_DIGITS = bytes(ord("0") if chr(c).isdigit() else c for c in range(128)) + bytes(range(128, 256))
+_HEX = bytes(ord("h") if chr(c) in "0123456789abcdefABCDEF" else c for c in range(128)) + bytes(range(128, 256))
+_PHONE_NEEDLES = (b"+0", b"000 0000", b"000.0000", b"000-0000")
+_IP4_NEEDLES = (b"0.0.0", b"0.00.0", b"0.000.0")
+_IP6_NEEDLES = (b"h:h:h", b"h:hh:h", b"h:hhh:h", b"h:hhhh:h")
+_KEY_NEEDLES = ("sk-", "AKIA", "xox", "AIza", "hf_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_")
+
+
+def _ip_ascii(text: str, digits: bytes) -> bool:
+    if any(n in digits for n in _IP4_NEEDLES):
+        return True
+    return ":" in text and any(n in text.encode("ascii").translate(_HEX) for n in _IP6_NEEDLES)
+
+
+_ASCII_PREFILTERS = {
+    "email": lambda text, digits: "@" in text,
+    "phone": lambda text, digits: any(n in digits for n in _PHONE_NEEDLES),
+    "ip": _ip_ascii,
+    "api_key": lambda text, digits: any(n in text for n in _KEY_NEEDLES),
+}
+
+
+def _may_contain(kind: str, text: str, digits: bytes | None) -> bool:
+    """False proves ``PATTERNS[kind]`` does not match ``text``."""
+    if digits is not None:
+        return _ASCII_PREFILTERS[kind](text, digits)
+    return _PREFILTERS[kind].search(text) is not None
 
 
 def find_pii(text: str, kinds: list[str]) -> list[tuple[str, str]]:
     """(kind, matched text) for every finding in ``text``."""
     found = []
+    digits = text.encode("ascii").translate(_DIGITS) if text.isascii() else None
     for kind in kinds:
-        if not _PREFILTERS[kind].search(text):
+        if not _may_contain(kind, text, digits):
             continue
         for match in PATTERNS[kind].finditer(text):
             if _valid(kind, match.group(0)):

@@ -10,6 +10,8 @@ difference, so the text is always exactly what training and serving see.
 
 from __future__ import annotations
 
+import re
+
 _PROBES = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
     [
@@ -73,6 +75,16 @@ def _byte_level_alphabet() -> dict[int, str]:
     return mapping
 
 
+class _ChunkCounts(dict):
+    def __init__(self, count):
+        super().__init__()
+        self.count = count
+
+    def __missing__(self, chunk: str) -> int:
+        value = self[chunk] = self.count(chunk)
+        return value
+
+
 class TokenCounter:
     """Exact token counts for byte-level BPE tokenizers, several times faster than encoding.
 
@@ -83,6 +95,13 @@ class TokenCounter:
     encoding ~0.47 ms a sample, ``encode_batch_fast`` ~0.28 ms, this ~0.05 ms. Any other
     tokenizer kind, or a difference from full encoding on the first ``verify_first`` texts,
     falls back to full encoding for good.
+
+    Faster still, without the regex: in both supported split patterns a pre-token never
+    continues past a space that is followed by a non-space (every alternative stops at
+    whitespace, and a whitespace run leaves its last space to the next word). So when every
+    space of a text is followed by a non-space, ``text.split(" ")`` cuts it only at pre-token
+    boundaries, and its count is the sum of cached counts of these chunks ("word", " word,"),
+    summed in C. Other texts (double spaces, code) take the regex path.
     """
 
     def __init__(self, tokenizer, verify_first: int = 64, max_cache: int = 1_000_000):
@@ -98,7 +117,12 @@ class TokenCounter:
 
             self.bytes_map = _byte_level_alphabet()
             added = sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
-            self.added = regex.compile("(" + "|".join(map(regex.escape, added)) + ")") if added else None
+            # literal alternatives: the standard library's engine splits several times faster
+            self.added = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
+            # a space followed by whitespace (Unicode White_Space, as the tokenizer's \\s)
+            self._space_then_space = regex.compile(r" \s")
+            # " " + chunk -> its token count: ``map(self.chunks.__getitem__, ...)`` runs in C once known
+            self.chunks = _ChunkCounts(lambda chunk: self._count_pieces(" " + chunk))
 
     def _pre_tokenizer_regex(self):
         import json
@@ -144,19 +168,31 @@ class TokenCounter:
     def _fast(self, text: str) -> int:
         parts = self.added.split(text) if self.added else [text]
         n = len(parts) // 2  # the odd parts are added tokens: one token each
-        cache, findall, count = self.cache, self.split.findall, self._count
+        cache = self.cache
         for part in parts[::2]:
             known = cache.get(part)  # template boilerplate between special tokens recurs in every sample
-            if known is not None:
-                n += known
-                continue
-            part_count = 0
-            for piece in findall(part):
-                c = cache.get(piece)
-                part_count += c if c is not None else count(piece)
-            if len(part) < 256:
-                cache[part] = part_count
-            n += part_count
+            if known is None:
+                known = self._count_part(part)
+                if len(part) < 256:
+                    cache[part] = known
+            n += known
+        return n
+
+    def _count_part(self, part: str) -> int:
+        """Tokens of text without added tokens."""
+        if part.endswith(" ") or self._space_then_space.search(part):
+            return self._count_pieces(part)
+        first, *rest = part.split(" ")
+        if len(self.chunks) >= self.max_cache:
+            self.chunks.clear()
+        return self._count_pieces(first) + sum(map(self.chunks.__getitem__, rest))
+
+    def _count_pieces(self, text: str) -> int:
+        cache, count = self.cache, self._count
+        n = 0
+        for piece in self.split.findall(text):
+            c = cache.get(piece)
+            n += c if c is not None else count(piece)
         return n
 
     def __call__(self, text: str) -> int:

@@ -1,4 +1,12 @@
-"""Rows of packed samples -> model inputs: tokens, labels, restarting positions, a block mask.
+"""Rows of packed samples -> model inputs: tokens, labels, restarting positions, sample bounds.
+
+Two layouts of the same samples, the same loss:
+
+* ``collate`` (padded rows, SDPA): one row per packed row, padded to the longest, with a 4D
+  block mask (below). Any attention kernel, any device.
+* ``collate_flat`` (padding-free, varlen attention): every sample of the micro-batch in one
+  flat row, no padding, no mask; ``cu_seqlens`` marks the samples for the varlen kernel
+  (``train.attention``).
 
 The 4D boolean mask is block-diagonal causal: a token attends only to earlier tokens of its
 own sample, so packed samples never see each other (PyTorch SDPA takes it as is; flash
@@ -20,8 +28,18 @@ class Batch:
     input_ids: torch.Tensor  # (B, L)
     labels: torch.Tensor  # (B, L), IGNORE where no loss
     position_ids: torch.Tensor  # (B, L), restarting at 0 for each sample
-    attention_mask: torch.Tensor  # (B, 1, L, L) bool
+    attention_mask: torch.Tensor | None  # (B, 1, L, L) bool; None in the flat layout
     real_tokens: int
+    cu_seqlens: torch.Tensor | None = None  # flat layout: (samples + 1,) int32 sample bounds
+    max_len: int = 0  # flat layout: the longest sample
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of the model's forward (besides tokens and labels)."""
+        if self.cu_seqlens is None:
+            return {"attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        from loraforge.train.attention import flat_kwargs
+
+        return {"position_ids": self.position_ids} | flat_kwargs(self.cu_seqlens, self.max_len)
 
     @property
     def supervised(self) -> int:
@@ -31,7 +49,8 @@ class Batch:
     def to(self, device) -> Batch:
         return Batch(
             self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device),
-            self.attention_mask.to(device), self.real_tokens,
+            None if self.attention_mask is None else self.attention_mask.to(device), self.real_tokens,
+            None if self.cu_seqlens is None else self.cu_seqlens.to(device), self.max_len,
         )
 
 
@@ -62,9 +81,24 @@ def collate(rows: list[list[TokenizedSample]], pad_id: int) -> Batch:
     return Batch(input_ids, labels, position_ids, mask[:, None], real)
 
 
-def padding_batch(pad_id: int) -> Batch:
+def collate_flat(rows: list[list[TokenizedSample]]) -> Batch:
+    """Every sample of these rows, in order, in one row of shape (1, total tokens)."""
+    samples = [s for row in rows for s in row]
+    lengths = [len(s.input_ids) for s in samples]
+    input_ids = torch.tensor([t for s in samples for t in s.input_ids], dtype=torch.long)[None]
+    labels = torch.tensor([t for s in samples for t in s.labels], dtype=torch.long)[None]
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    labels[0, starts] = IGNORE  # never predict a sample's first token from the previous sample
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return Batch(input_ids, labels, position_ids, None, sum(lengths), cu_seqlens, max(lengths))
+
+
+def padding_batch(pad_id: int, flat: bool = False) -> Batch:
     """Two padding tokens and no label: the pass a rank with no rows left runs, loss exactly 0,
     so that every rank runs the same number of forward/backward passes."""
+    if flat:
+        return Batch(torch.full((1, 2), pad_id), torch.full((1, 2), IGNORE), torch.arange(2)[None], None, 0, torch.tensor([0, 2], dtype=torch.int32), 2)
     mask = torch.tril(torch.ones(2, 2, dtype=torch.bool))[None, None]
     return Batch(torch.full((1, 2), pad_id), torch.full((1, 2), IGNORE), torch.arange(2)[None], mask, 0)
 

@@ -27,14 +27,14 @@ def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if bf16_ok else torch.float32
 
 
-def load_base(model_dir, cfg: TrainConfig, device: torch.device, dtype: torch.dtype, sharded: bool = False):
+def load_base(model_dir, cfg: TrainConfig, device: torch.device, dtype: torch.dtype, sharded: bool = False, attn_implementation: str = "sdpa"):
     """The base model on ``device``; with ``sharded`` (FSDP) full-precision weights stay in CPU
     memory, and FSDP moves each rank's shard to its GPU layer by layer. A 4-bit base loads on
     the GPU (about 0.55 byte a parameter) with its packed weights in bf16 containers, which
     FSDP shards like any other tensor."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if cfg.quantization == "nf4":
         if device.type != "cuda":
             raise PreflightError("QLoRA (train.quantization: nf4) needs a CUDA GPU; on CPU leave train.quantization unset")
@@ -68,12 +68,14 @@ def apply_accelerations(model, cfg: TrainConfig, device: torch.device) -> list[s
 
 
 def wrap_lora(model, cfg: TrainConfig, checkpointing: bool):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    if cfg.quantization:
-        # non-reentrant checkpointing: the kind DDP and FSDP work with
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif checkpointing:
+    # No prepare_model_for_kbit_training for QLoRA: it copies every non-quantized weight to fp32
+    # (norms, embeddings, the LM head: 2 GiB more for an 8B Llama, and fp32 hidden states after
+    # each norm); bf16 compute keeps them as loaded. The frozen base is frozen by get_peft_model.
+    if checkpointing:
+        # non-reentrant checkpointing: the kind DDP and FSDP work with (train.memory may switch
+        # single layers off or to the offloading variant)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = cfg.lora
@@ -87,7 +89,7 @@ def wrap_lora(model, cfg: TrainConfig, checkpointing: bool):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config, autocast_adapter_dtype=cfg.adapter_dtype == "fp32")
     model.train()  # from_pretrained returns eval mode, which silently disables checkpointing
     return model
 

@@ -99,8 +99,11 @@ def weight_bytes(module, cfg: TrainConfig, width: int) -> float:
     return (params - linear) * width + (linear * 0.53 if cfg.quantization else linear * width)  # nf4: 4 bits + scales
 
 
-def estimate_memory(model, cfg: TrainConfig, dtype: torch.dtype, seq_len: int, micro_batch: int, checkpointing: bool) -> dict[str, int]:
-    """Bytes of weights, LoRA + gradients + AdamW state, activations and logits for one micro-batch."""
+def estimate_memory(
+    model, cfg: TrainConfig, dtype: torch.dtype, seq_len: int, micro_batch: int, checkpointing: bool, fused_loss: bool = False, flat: bool = False
+) -> dict[str, int]:
+    """Bytes of weights, LoRA + gradients + AdamW state, activations and logits for one micro-batch
+    (``fused_loss``: one chunk of logits at a time; ``flat``: padding-free, no attention mask)."""
     c = model.config
     h, inter, layers, vocab = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size), c.num_hidden_layers, c.vocab_size
     kv = h * getattr(c, "num_key_value_heads", c.num_attention_heads) // c.num_attention_heads
@@ -115,8 +118,13 @@ def estimate_memory(model, cfg: TrainConfig, dtype: torch.dtype, seq_len: int, m
     tokens = micro_batch * seq_len
     per_token_layer = (8 * h + 2 * kv + 4 * inter) * width  # q/k/v/o and MLP inputs/outputs kept for backward
     activations = tokens * (layers * 2 * h * width + per_token_layer) if checkpointing else tokens * layers * per_token_layer
-    logits = tokens * vocab * (width + 8)  # model dtype + fp32 copy for the loss + its gradient
-    mask = micro_batch * seq_len * seq_len
+    if fused_loss:
+        from loraforge.train.loss import chunk_size
+
+        logits = chunk_size(vocab) * vocab * (4 + width) + tokens * h * width  # a chunk, and the hidden states' gradient
+    else:
+        logits = tokens * vocab * (width + 8)  # model dtype + fp32 copy for the loss + its gradient
+    mask = 0 if flat else micro_batch * seq_len * seq_len
     return {"weights": int(weights), "lora_and_optimizer": int(lora_state), "activations": int(activations), "logits": int(logits), "attention_mask": int(mask)}
 
 
@@ -128,8 +136,20 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def check_memory(model, cfg: TrainConfig, dtype, device, seq_len: int, checkpointing: bool) -> tuple[Finding, dict]:
-    parts = estimate_memory(model, cfg, dtype, seq_len, cfg.micro_batch_size, checkpointing)
+def plan_memory(model, cfg: TrainConfig, dtype, device, seq_len: int, fused_loss: bool, flat: bool):
+    """The memory planner's choice (``train.memory``) for this model, data and device."""
+    from loraforge.train import memory
+
+    parts = estimate_memory(model, cfg, dtype, seq_len, cfg.micro_batch_size, False, fused_loss, flat)
+    fixed = {k: v for k, v in parts.items() if k != "activations"}
+    budget = int(cfg.memory_budget_gib * GiB) if cfg.memory_budget_gib else int(0.9 * available_memory(device))
+    width = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    offload = cfg.offload_activations if device.type == "cuda" else False  # pinned memory and copies need CUDA
+    return memory.plan(fixed, memory.layer_bytes(model.config, width), model.config.num_hidden_layers, cfg.micro_batch_size * seq_len, budget, cfg.gradient_checkpointing, offload)
+
+
+def check_memory(model, cfg: TrainConfig, dtype, device, seq_len: int, checkpointing: bool, parts: dict[str, int] | None = None) -> tuple[Finding, dict]:
+    parts = parts or estimate_memory(model, cfg, dtype, seq_len, cfg.micro_batch_size, checkpointing)
     need, have = sum(parts.values()), available_memory(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU RAM"
     summary = f"~{need / GiB:.1f} GiB needed of {have / GiB:.1f} GiB free on {where} (" + ", ".join(f"{k} {v / GiB:.2f}" for k, v in parts.items()) + ")"

@@ -30,10 +30,13 @@ import torch
 from loraforge.config import LoraforgeConfig
 from loraforge.errors import OutOfMemory, PreflightError, TrainError, TrainingDiverged
 from loraforge.train import data as data_mod
+from loraforge.train import attention
 from loraforge.train import distributed as dist_mod
+from loraforge.train import memory
 from loraforge.train import preflight as pf
-from loraforge.train.batch import Batch, collate, padding_batch, token_loss_sum
+from loraforge.train.batch import Batch, collate, collate_flat, padding_batch
 from loraforge.train.data import IGNORE
+from loraforge.train.loss import CausalLMLoss
 from loraforge.train.model import apply_accelerations, load_base, pick_dtype, wrap_lora
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -83,7 +86,10 @@ class TrainRun:
             raise TrainError(f"{self.dist.world} processes are only planned here: start them with `loraforge train --gpus {self.dist.world}` or torchrun")
         self.device = dist_mod.device_of(self.dist) if dry_run else dist_mod.init(self.dist)
         self.dtype = pick_dtype(cfg, self.device)
-        self.checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else self.device.type == "cuda"
+        # the speed levers (issue 7), each with its switch: padding-free rows with varlen attention,
+        # the loss without logits, the memory planner's recomputation (decided in _preflight)
+        self.flat = cfg.attention == "varlen" or (cfg.attention == "auto" and attention.available(self.device))
+        self.fused_loss = cfg.fused_loss if cfg.fused_loss is not None else self.device.type == "cuda"
         self.model_dir = resolve_model(self.config.model.name)
         self.tokenizer = load_tokenizer(str(self.model_dir))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -196,17 +202,24 @@ class TrainRun:
             pf.check_data(self.data_stats()),
         ]
         seq = min(cfg.max_seq_length, max((sum(len(self.train_samples[i].input_ids) for i in row) for row in self.train_rows), default=16))
+        self.memory_plan = pf.plan_memory(meta, cfg, self.dtype, self.device, seq, self.fused_loss, self.flat)
+        self.checkpointing = self.memory_plan.checkpointed > 0
+        if cfg.attention == "varlen" and self.device.type == "cuda" and not attention.available(self.device):
+            findings.append(pf.Finding("block", "attention", f"train.attention: varlen, but torch {torch.__version__} has no flash varlen kernel", "train.attention: auto (or sdpa), or torch >= 2.10"))
         if self.dist.enabled:
             strategy, memory, self.strategy, self.memory_estimate = pf.plan_strategy(
                 meta, cfg, self.dtype, self.device, seq, self.checkpointing, self.dist.world, self.dist.local_world
             )
             findings.append(strategy)
         else:
-            memory, self.memory_estimate = pf.check_memory(meta, cfg, self.dtype, self.device, seq, self.checkpointing)
+            memory, self.memory_estimate = pf.check_memory(meta, cfg, self.dtype, self.device, seq, self.checkpointing, parts=self.memory_plan.estimate)
         findings.append(memory)
+        findings.append(pf.Finding("ok", "memory_plan", self.memory_plan.describe()))
         if cfg.lora.dora or cfg.lora.r not in VLLM_RANKS:
             findings.append(pf.Finding("warn", "serving", f"vLLM serves LoRA ranks {VLLM_RANKS} and no DoRA", "use one of those ranks, or serve a merged model (loraforge merge)"))
-        findings.append(pf.Finding("ok", "device", f"{self.device.type}, {str(self.dtype).removeprefix('torch.')}, gradient checkpointing {'on' if self.checkpointing else 'off'}"))
+        layout = "padding-free rows, varlen attention" if self.flat else "padded rows, SDPA with a block mask"
+        loss = "fused with the LM head (no logits tensor)" if self.fused_loss else "from full logits"
+        findings.append(pf.Finding("ok", "device", f"{self.device.type}, {str(self.dtype).removeprefix('torch.')}; {layout}; loss {loss}"))
         return findings
 
     def _setup_model(self) -> None:
@@ -214,15 +227,19 @@ class TrainRun:
         base = self._load_base()
         self.accelerations = apply_accelerations(base, self.cfg, self.device)
         self.model = wrap_lora(base, self.cfg, self.checkpointing)
+        if self.checkpointing:
+            memory.apply(self.model, self.memory_plan)
         if self.checkpoint:  # full weights, before FSDP shards them
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(self.model, load_file(self.checkpoint / "adapter_model.safetensors"))
-        self.engine = dist_mod.wrap(self.model, self.strategy, self.dist, self.device)  # what each step calls
+        # what each step calls: tokens in, summed loss out (wrapped for DDP / FSDP)
+        self.engine = dist_mod.wrap(CausalLMLoss(self.model, self.fused_loss), self.strategy, self.dist, self.device)
 
     def _load_base(self):
-        return load_base(self.model_dir, self.cfg, self.device, self.dtype, sharded=self.strategy == "fsdp")
+        attn = attention.register() if self.flat else "sdpa"
+        return load_base(self.model_dir, self.cfg, self.device, self.dtype, sharded=self.strategy == "fsdp", attn_implementation=attn)
 
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
@@ -257,8 +274,9 @@ class TrainRun:
 
     def batch(self, rows: list[list[int]], row_ids: list[int], samples) -> Batch:
         if not row_ids:
-            return padding_batch(self.pad_id).to(self.device)
-        return collate([[samples[i] for i in rows[r]] for r in row_ids], self.pad_id).to(self.device)
+            return padding_batch(self.pad_id, flat=self.flat).to(self.device)
+        chosen = [[samples[i] for i in rows[r]] for r in row_ids]
+        return (collate_flat(chosen) if self.flat else collate(chosen, self.pad_id)).to(self.device)
 
     # ---- train ---------------------------------------------------------------------------
 
@@ -333,8 +351,7 @@ class TrainRun:
         for i, ids in enumerate(mine):
             b = self.batch(self.train_rows, ids, self.train_samples)
             with dist_mod.no_sync(self.engine, last=i == len(mine) - 1):
-                logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
-                loss = token_loss_sum(logits, b.labels) / supervised
+                loss = self.engine(input_ids=b.input_ids, labels=b.labels, **b.model_kwargs()) / supervised
                 (loss * world).backward()
             loss_sum += loss.detach()
             tokens += b.real_tokens
@@ -383,8 +400,7 @@ class TrainRun:
         batches = [list(range(start, min(start + mb, n))) for start in range(0, n, mb)]
         for ids in dist_mod.shard_micro_batches(batches, self.dist.rank, self.dist.world):
             b = self.batch(self.eval_rows, ids, self.eval_samples)
-            logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
-            loss_sum += float(token_loss_sum(logits, b.labels))
+            loss_sum += float(self.engine(input_ids=b.input_ids, labels=b.labels, **b.model_kwargs()))
             supervised += b.supervised
         self.model.train()
         loss_sum, supervised = dist_mod.sum_over_ranks(self.dist, [loss_sum, supervised], self.device)
@@ -474,7 +490,7 @@ def train(config: LoraforgeConfig, resume: bool = False, dry_run: bool = False, 
     run = TrainRun(config, resume=resume, show_progress=show_progress, processes=processes)
     findings = run.setup(dry_run=dry_run)
     if dry_run:
-        metrics = {"data": run.data_stats(), "memory_estimate": run.memory_estimate, "strategy": run.strategy}
+        metrics = {"data": run.data_stats(), "memory_estimate": run.memory_estimate, "strategy": run.strategy, "memory_plan": run.memory_plan.describe()}
         return TrainResult(run.out, 0, "dry_run", None, None, findings, metrics)
     result = run.train()
     dist_mod.shutdown(run.dist)  # after success only: a failed rank must not wait at a barrier

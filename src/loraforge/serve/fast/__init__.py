@@ -12,7 +12,8 @@ Pieces, in the order a token meets them:
                           slots, chunked prefill, decode, delivery (module docstring: one step)
     model.FusedLlama      our Llama forward over the HF model's weights; the static KV cache
                           [layers, 2, slots, kv_heads, max_len, head_dim]; prefill and decode
-    lora.AdapterBank      PEFT adapters stacked per module group; dense or gather application
+    lora.AdapterBank      PEFT adapters stacked per module group; fused (LoRA A under the base
+                          weight, a Triton expand), dense or gather application
     sampling.sample       greedy / temperature / top-p on the device, counter-based seeds
     graphs.DecodeGraphs   one CUDA graph per (batch bucket, length bucket)
 

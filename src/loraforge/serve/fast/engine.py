@@ -73,11 +73,12 @@ class FastEngine(EngineBase):
     """The Llama serving engine (design in ``loraforge.serve.fast``).
 
     ``max_batch_size`` slots of ``max_seq_len`` tokens each (prompt + answer) in a static KV
-    cache; ``prefill_chunk`` prompt tokens per step; ``cuda_graphs`` on CUDA only.
+    cache; ``prefill_chunk`` prompt tokens per step; ``cuda_graphs`` on CUDA only; ``lora_mode``
+    how batched LoRA is applied (``fused``, ``dense``, ``gather``: ``lora``'s docstring).
     """
 
     def __init__(self, model, tokenizer, device, max_batch_size: int, max_queue: int, metrics=None,
-                 max_seq_len: int | None = None, prefill_chunk: int = 512, cuda_graphs: bool = True, lora_mode: str = "dense"):
+                 max_seq_len: int | None = None, prefill_chunk: int = 512, cuda_graphs: bool = True, lora_mode: str = "fused"):
         super().__init__(tokenizer, max_queue, metrics)
         self.model = model
         self.device = torch.device(device)

@@ -6,7 +6,7 @@ few stacked tensors and each row picks its adapter by a slot index; the decode s
 Python loop over rows or adapters and keeps static shapes (so it can be a CUDA graph).
 
 Memory layout, per decoder layer, per *group* of target modules that read the same input
-(the base weights are fused the same way: ``model.FusedLlama``):
+(the base weights are fused the same way, ``GroupWeight``):
 
     group     modules                       input
     qkv       q_proj, k_proj, v_proj        the attention RMSNorm's output
@@ -14,7 +14,9 @@ Memory layout, per decoder layer, per *group* of target modules that read the sa
     gate_up   gate_proj, up_proj            the MLP RMSNorm's output
     down      down_proj                     silu(gate) * up
 
-    A: [n_modules * K * R, in]    row (m, s, j) = lora_A row j of module m of the adapter in slot s
+    W: [out, in]                  the base weight, the group's modules one after the other
+    A: [n_modules * K * R, in]    row (m, s, j) = lora_A row j of module m of the adapter in slot s;
+                                  stored right under W's rows, in one tensor (``GroupWeight``)
     B: [n_modules * K * R, out]   row (m, s, j) = (scale * lora_B)[:, j] of that module, placed in
                                   module m's output columns (block diagonal, zeros elsewhere)
 
@@ -22,19 +24,27 @@ Memory layout, per decoder layer, per *group* of target modules that read the sa
 smaller ranks zero-padded (zero rows of A and B add nothing). ``scale`` (alpha / r, or
 alpha / sqrt(r) for rsLoRA, per module with rank and alpha patterns) is folded into B at load.
 
-Two ways to apply it to token rows ``x`` [T, in] whose adapters are ``slot`` [T]:
+Three ways to apply it to token rows ``x`` [T, in] whose adapters are ``slot`` [T]; all three
+read the same storage, so switching is free (``set_mode``):
 
-* ``dense`` (the default): ``out += ((x @ A.T) * onehot(slot)) @ B``: two matmuls over all
-  loaded adapters and a mask. Decode is memory-bound, and this reads each adapter's weights
-  once a step (an 8B model's r=16 all-linear adapter is 84 MB: 0.02 ms at 4.3 TB/s), whatever
-  the batch; its cost grows with the number of *loaded* adapters times R.
+* ``fused`` (the default): ``[out | h] = x @ [W; A].T`` (the shrink is extra columns of the
+  base matmul, which reads W anyway), then ``out[t] += h[t, rows of slot[t]] @ B[rows of
+  slot[t]]`` in one Triton kernel (``kernels.expand_``) that reads only the B rows of the slots
+  in the batch. Per group and layer: the (wider) base matmul and one launch, where ``dense``
+  has the base matmul and three. Without Triton (CPU) the expand is ``dense``'s masked addmm.
+* ``dense``: ``out = x @ W.T; out += ((x @ A.T) * onehot(slot)) @ B``: two more matmuls over
+  all loaded adapters and a mask, in torch; the reference the others are tested against.
+  Reading the adapters is cheap (an 8B model's r=16 all-linear adapter is 84 MB: 0.02 ms at
+  4.3 TB/s), the three extra launches per group and layer are not (~1.8 ms a decode step).
 * ``gather``: per module, ``bmm(x, A[slot].T) @ B[slot]``, the per-row form. Reads only the
   adapters in the batch but copies each row's A and B (B x R x (in + out) per module), which
   costs more than ``dense`` until far more adapters are loaded than a batch uses.
 
 Loading and unloading write into these tensors in place while K and R suffice (CUDA graphs
-captured over them stay valid); growing K or R reallocates and bumps ``version``, which
-tells the graph cache to capture again.
+captured over them stay valid); growing K or R reallocates A (with the base weight it shares
+a tensor with) and B and bumps ``version``, which tells the graph cache to capture again; so
+does the bank going from empty to not (without adapters the LoRA path is skipped: the base
+linears alone, no extra columns).
 """
 
 from __future__ import annotations
@@ -46,8 +56,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from loraforge.errors import AdapterError
+from loraforge.serve.fast import kernels
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
@@ -123,19 +135,81 @@ def read_peft_adapter(path: Path | str) -> LoraWeights:
     return LoraWeights(modules)
 
 
-class AdapterBank:
-    """Stacked LoRA weights of all loaded adapters (layout in the module docstring).
+class GroupWeight:
+    """One module group's base linear (its modules fused), with the bank's LoRA A rows under it.
 
-    ``dims[group] = (in_features, [out_features of each module])`` for the model's layers.
+        weight   [out + pad(n * K * R), in]   rows :out are the base weights of the group's
+                                              modules one after the other (q, k, v; gate, up),
+                                              then the bank's A (``AdapterBank.A`` is a view of
+                                              them), then zero rows up to a multiple of 16
+                                              (keeps the matmul output's rows aligned)
+
+    So ``x @ weight.T`` is the base output and every adapter's ``x @ A.T`` in one matmul.
+    The HF model's modules keep views of the base rows (no weight is held twice); ``resize``
+    moves the base to a larger tensor when the bank needs more A rows, and the modules with it.
     """
 
-    def __init__(self, num_layers: int, dims: dict[str, tuple[int, list[int]]], dtype: torch.dtype, device: torch.device, mode: str = "dense"):
-        self.num_layers, self.dims, self.dtype, self.device, self.mode = num_layers, dims, dtype, device, mode
+    def __init__(self, linears: list[torch.nn.Linear]):
+        self.linears = linears
+        self.outs = [m.weight.shape[0] for m in linears]
+        self.out, self.in_features = sum(self.outs), linears[0].weight.shape[1]
+        self.bounds = tuple(sum(self.outs[:i]) for i in range(1, len(self.outs)))  # first column of modules 2..n
+        self.weight = linears[0].weight.detach() if len(linears) == 1 else torch.cat([m.weight.detach() for m in linears])
+        self.bias = None
+        if linears[0].bias is not None:
+            self.bias = linears[0].bias.detach() if len(linears) == 1 else torch.cat([m.bias.detach() for m in linears])
+            start = 0
+            for m, rows in zip(linears, self.outs):
+                m.bias = torch.nn.Parameter(self.bias[start : start + rows], requires_grad=False)
+                start += rows
+        self._point_modules()
+        self.extended_bias = self.bias  # the bias of ``weight``: zeros for the A rows
+
+    @property
+    def base(self) -> torch.Tensor:
+        return self.weight[: self.out]
+
+    def resize(self, rows: int) -> torch.Tensor:
+        """Room for ``rows`` A rows (zeros) under the base rows; returns them (a view).
+
+        The old tensor is freed once its A rows, still referenced by the bank, are copied.
+        """
+        padded = -(-rows // 16) * 16
+        weight = self.weight.new_empty(self.out + padded, self.in_features)
+        weight[: self.out] = self.base
+        weight[self.out :] = 0
+        self.weight = weight
+        self._point_modules()
+        if self.bias is not None:
+            self.extended_bias = torch.cat([self.bias, self.bias.new_zeros(padded)])
+        return weight[self.out : self.out + rows]
+
+    def _point_modules(self) -> None:
+        start = 0
+        for m, rows in zip(self.linears, self.outs):
+            m.weight = torch.nn.Parameter(self.weight[start : start + rows], requires_grad=False)
+            start += rows
+
+
+class AdapterBank:
+    """Stacked LoRA weights of all loaded adapters (layout in the module docstring), and the
+    model's linears that apply them: ``linear(layer, group, x, step)`` = base + each row's LoRA.
+
+    ``weights[layer][group]``: the model's ``GroupWeight``s (A lives under their base rows, so
+    the bank owns their growth).
+    """
+
+    MODES = ("fused", "dense", "gather")
+
+    def __init__(self, weights: list[dict[str, GroupWeight]], dtype: torch.dtype, device: torch.device, mode: str = "fused"):
+        self.weights, self.num_layers, self.dtype, self.device = weights, len(weights), dtype, device
+        self.dims = {group: (w.in_features, w.outs) for group, w in weights[0].items()}
         self.slots: dict[str, int] = {}  # adapter name -> slot (1..K-1)
         self.K, self.R = 1, 0
-        self.A: list[dict[str, torch.Tensor]] = []
-        self.B: list[dict[str, torch.Tensor]] = []
-        self.version = 0  # bumped when what a captured graph read changes (K or R grew, the mode)
+        self.A = [{group: w.weight[w.out : w.out] for group, w in layer.items()} for layer in weights]
+        self.B = [{group: torch.zeros(0, w.out, dtype=dtype, device=device) for group, w in layer.items()} for layer in weights]
+        self.triton = kernels.usable(device, dtype)  # fused mode's expand: the Triton kernel, else torch's masked addmm
+        self.version = 0  # bumped when what a captured graph read changes (K or R grew, empty or not, the mode)
         self.set_mode(mode)
 
     @property
@@ -143,9 +217,9 @@ class AdapterBank:
         return not self.slots
 
     def set_mode(self, mode: str) -> None:
-        """Switch between ``dense`` and ``gather`` (same storage); captured graphs are recaptured."""
-        if mode not in ("dense", "gather"):
-            raise ValueError(f"lora mode {mode!r}: use 'dense' or 'gather'")
+        """Switch between ``fused``, ``dense`` and ``gather`` (same storage); graphs are recaptured."""
+        if mode not in self.MODES:
+            raise ValueError(f"lora mode {mode!r}: use one of {', '.join(self.MODES)}")
         self.mode = mode
         self.version += 1
 
@@ -163,6 +237,8 @@ class AdapterBank:
             out = outs[GROUPS[group].index(module)]
             if layer >= self.num_layers or a.shape[1] != fan_in or b.shape[0] != out:
                 raise AdapterError(f"adapter {name!r}: layer {layer} {module} has shape A {tuple(a.shape)} B {tuple(b.shape)}, not this model's ({fan_in} -> {out})")
+        if self.empty:
+            self.version += 1  # graphs captured without adapters have no LoRA in them
         used = set(self.slots.values())
         slot = next(s for s in range(1, len(used) + 2) if s not in used)
         self._grow(max(self.K, slot + 1), max(self.R, weights.max_rank))
@@ -181,6 +257,8 @@ class AdapterBank:
     def remove(self, name: str) -> None:
         slot = self.slots.pop(name)
         self._clear_slot(slot)  # its slot is reused by the next adapter loaded
+        if self.empty:
+            self.version += 1  # back to the base linears alone
 
     def _rows(self, module_index: int, slot: int) -> slice:
         start = (module_index * self.K + slot) * self.R
@@ -194,55 +272,60 @@ class AdapterBank:
                     self.B[layer][group][self._rows(m, slot)] = 0
 
     def _grow(self, K: int, R: int) -> None:
-        if (K, R) == (self.K, self.R) and self.A:
+        """Reallocate for K slots of rank R, keeping what is loaded; one group at a time, so
+        the base weights (which move with A) are never held twice."""
+        if (K, R) == (self.K, self.R):
             return
-        old_A, old_B, old_K, old_R = self.A, self.B, self.K, self.R
-        self.A, self.B = [], []
+        old_K, old_R = self.K, self.R
         for layer in range(self.num_layers):
-            a_layer, b_layer = {}, {}
-            for group, (fan_in, outs) in self.dims.items():
-                n = len(outs)
-                a = torch.zeros(n, K, R, fan_in, dtype=self.dtype, device=self.device)
-                b = torch.zeros(n, K, R, sum(outs), dtype=self.dtype, device=self.device)
-                if old_A:
-                    a[:, :old_K, :old_R] = old_A[layer][group].view(n, old_K, old_R, fan_in)
-                    b[:, :old_K, :old_R] = old_B[layer][group].view(n, old_K, old_R, sum(outs))
-                a_layer[group], b_layer[group] = a.view(n * K * R, fan_in), b.view(n * K * R, sum(outs))
-            self.A.append(a_layer)
-            self.B.append(b_layer)
+            for group, w in self.weights[layer].items():
+                n, fan_in = len(w.outs), w.in_features
+                old_a, old_b = self.A[layer][group], self.B[layer][group]
+                a = w.resize(n * K * R)
+                b = torch.zeros(n * K * R, w.out, dtype=self.dtype, device=self.device)
+                a.view(n, K, R, fan_in)[:, :old_K, :old_R] = old_a.view(n, old_K, old_R, fan_in)
+                b.view(n, K, R, w.out)[:, :old_K, :old_R] = old_b.view(n, old_K, old_R, w.out)
+                self.A[layer][group], self.B[layer][group] = a, b
+                del old_a, old_b
         self.K, self.R = K, R
         self.version += 1
 
     # ---- applying ------------------------------------------------------------------------
 
-    def masks(self, slot: torch.Tensor) -> dict[int, torch.Tensor] | torch.Tensor | None:
-        """Per-step inputs of ``apply`` for token rows whose adapters are ``slot`` [T] (long).
+    def step_inputs(self, slot: torch.Tensor) -> dict[int, torch.Tensor] | torch.Tensor | None:
+        """Per-step inputs of ``linear`` for token rows whose adapters are ``slot`` [T] (long).
 
-        dense: ``{n_modules: onehot mask [T, n * K * R]}``, one per group size, built once per
-        step and shared by all layers; gather: ``slot`` itself. None when no adapter is loaded.
+        ``slot`` itself for gather and for fused with the Triton kernel; else the one-hot masks
+        ``{n_modules: [T, n * K * R]}``, one per group size, built once per step and shared by
+        all layers. None when no adapter is loaded: the base linears alone.
         """
         if self.empty:
             return None
-        if self.mode == "gather":
+        if self.mode == "gather" or (self.mode == "fused" and self.triton):
             return slot
         onehot = (slot[:, None] == torch.arange(self.K, device=slot.device)[None, :]).to(self.dtype)
         per_module = onehot[:, :, None].expand(-1, -1, self.R).reshape(slot.shape[0], self.K * self.R)
         return {n: per_module.repeat(1, n) if n > 1 else per_module for n in {len(m) for m in GROUPS.values()}}
 
-    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor, masks) -> torch.Tensor:
-        """``out + LoRA(x)`` for token rows ``x`` [T, in], ``out`` [T, sum of the group's outputs]."""
-        if masks is None:
-            return out
-        A, B = self.A[layer][group], self.B[layer][group]
+    def linear(self, layer: int, group: str, x: torch.Tensor, step) -> torch.Tensor:
+        """The group's base linear plus each row's LoRA: ``x`` [T, in] -> [T, sum of the group's outputs]."""
+        w = self.weights[layer][group]
+        if step is None:
+            return F.linear(x, w.base, w.bias)
+        A, B, n = self.A[layer][group], self.B[layer][group], len(w.outs)
+        if self.mode == "fused":
+            y = F.linear(x, w.weight, w.extended_bias)  # [T, out + pad(n * K * R)]: base | x @ A.T | zeros
+            out, h = y[:, : w.out], y[:, w.out : w.out + A.shape[0]]
+            if self.triton:
+                return kernels.expand_(out, h, B, step, self.K, self.R, w.bounds)
+            return out.addmm_(h * step[n], B)
+        out = F.linear(x, w.base, w.bias)
         if self.mode == "dense":
-            h = (x @ A.T) * masks[len(GROUPS[group])]
-            return out.addmm_(h, B)
-        n, fan_in, total = len(GROUPS[group]), A.shape[1], B.shape[1]
-        outs = self.dims[group][1]
-        a4, b4 = A.view(n, self.K, self.R, fan_in), B.view(n, self.K, self.R, total)
+            return out.addmm_((x @ A.T) * step[n], B)
+        a4, b4 = A.view(n, self.K, self.R, w.in_features), B.view(n, self.K, self.R, w.out)
         col = 0
-        for m, width in enumerate(outs):
-            h = torch.bmm(x[:, None, :], a4[m][masks].transpose(1, 2))  # [T, 1, R]
-            out[:, col : col + width] += torch.bmm(h, b4[m][masks][:, :, col : col + width])[:, 0]
+        for m, width in enumerate(w.outs):
+            h = torch.bmm(x[:, None, :], a4[m][step].transpose(1, 2))  # [T, 1, R]
+            out[:, col : col + width] += torch.bmm(h, b4[m][step][:, :, col : col + width])[:, 0]
             col += width
         return out

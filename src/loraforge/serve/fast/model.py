@@ -1,8 +1,9 @@
 """Our Llama forward for serving: prefill chunks and batched decode over a static KV cache.
 
 It runs on the weights of a loaded ``LlamaForCausalLM`` (nothing is copied twice: q/k/v and
-gate/up are fused into one matrix each, and the HF modules' weights are re-pointed at views of
-the fused ones, so the HF model keeps working on the same memory). Every op that decides a
+gate/up are fused into one matrix each, ``lora.GroupWeight``, and the HF modules' weights are
+re-pointed at views of the fused ones, so the HF model keeps working on the same memory; the
+adapter bank stores its LoRA A rows under them and moves them when it grows). Every op that decides a
 number is the one transformers' Llama uses (RMSNorm in fp32 then cast, ``rotate_half`` RoPE
 with the model's own rotary module's cos/sin, SiLU-gated MLP), so greedy decoding gives the
 tokens of ``generate`` (tested against it, with and without adapters).
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loraforge.serve.fast.lora import AdapterBank
+from loraforge.serve.fast.lora import AdapterBank, GroupWeight
 
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")  # position-independent inv_freq: a table works
 
@@ -78,31 +79,8 @@ class SlotState:
 @dataclass
 class LayerWeights:
     ln1: torch.Tensor
-    qkv: torch.Tensor  # [q + k + v, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
     ln2: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
-
-
-def _fuse(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for linears sharing an input; the modules keep views of it."""
-    weight = torch.cat([m.weight.detach() for m in linears])
-    bias = None
-    if linears[0].bias is not None:
-        bias = torch.cat([m.bias.detach() for m in linears])
-    start = 0
-    for m in linears:
-        rows = m.weight.shape[0]
-        m.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
-        if bias is not None:
-            m.bias = torch.nn.Parameter(bias[start : start + rows], requires_grad=False)
-        start += rows
-    return weight, bias
+    groups: dict[str, GroupWeight]  # qkv [q + k + v, hidden], o, gate_up [2 * intermediate, hidden], down
 
 
 def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -155,7 +133,7 @@ class FusedLlama:
     at most ``cache_len - 1`` tokens.
     """
 
-    def __init__(self, hf_model, slots: int, cache_len: int, lora_mode: str = "dense"):
+    def __init__(self, hf_model, slots: int, cache_len: int, lora_mode: str = "fused"):
         reason = unsupported_reason(hf_model)
         if reason:
             raise ValueError(f"the fast engine cannot serve this model: {reason}")
@@ -174,18 +152,10 @@ class FusedLlama:
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj])
-            bias = lambda m: None if m.bias is None else m.bias.detach()  # noqa: E731
-            self.layers.append(LayerWeights(
-                layer.input_layernorm.weight.detach(), qkv, qkv_bias, attn.o_proj.weight.detach(), bias(attn.o_proj),
-                layer.post_attention_layernorm.weight.detach(), gate_up, gate_up_bias, mlp.down_proj.weight.detach(), bias(mlp.down_proj),
-            ))
-        q_out, kv_out, inter, hidden = self.num_heads * self.head_dim, self.kv_heads * self.head_dim, cfg.intermediate_size, cfg.hidden_size
-        self.lora = AdapterBank(len(self.layers), {
-            "qkv": (hidden, [q_out, kv_out, kv_out]), "o": (q_out, [hidden]),
-            "gate_up": (hidden, [inter, inter]), "down": (inter, [hidden]),
-        }, self.dtype, self.device, lora_mode)
+            groups = {"qkv": GroupWeight([attn.q_proj, attn.k_proj, attn.v_proj]), "o": GroupWeight([attn.o_proj]),
+                      "gate_up": GroupWeight([mlp.gate_proj, mlp.up_proj]), "down": GroupWeight([mlp.down_proj])}
+            self.layers.append(LayerWeights(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), groups))
+        self.lora = AdapterBank([layer.groups for layer in self.layers], self.dtype, self.device, lora_mode)  # it grows them
         # cos/sin of every position, from the model's own rotary module (rope scaling included)
         with torch.no_grad():
             positions = torch.arange(cache_len, device=self.device)[None]
@@ -202,22 +172,23 @@ class FusedLlama:
 
     # ---- one decoder layer, shared by prefill and decode ----------------------------------
 
-    def _layer(self, i: int, x: torch.Tensor, cos, sin, lora_masks, attend) -> torch.Tensor:
-        w, lora = self.layers[i], self.lora
+    def _layer(self, i: int, x: torch.Tensor, cos, sin, lora_step, attend) -> torch.Tensor:
+        """One decoder layer; every linear is ``lora.linear``: the base, plus each row's adapter."""
+        w, linear = self.layers[i], self.lora.linear
         h = rms_norm(x, w.ln1, self.eps)
-        qkv = lora.apply(i, "qkv", h, F.linear(h, w.qkv, w.qkv_bias), lora_masks)
+        qkv = linear(i, "qkv", h, lora_step)
         T = x.shape[0]
         q_out, kv_out = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
         qk = rope(qkv[:, : q_out + kv_out].view(T, self.num_heads + self.kv_heads, self.head_dim), cos, sin)  # q and k at once
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, q_out + kv_out :].view(T, self.kv_heads, self.head_dim)
         a = attend(i, q, k, v)
-        x = x + lora.apply(i, "o", a, F.linear(a, w.o, w.o_bias), lora_masks)
+        x = x + linear(i, "o", a, lora_step)
         h = rms_norm(x, w.ln2, self.eps)
-        gu = lora.apply(i, "gate_up", h, F.linear(h, w.gate_up, w.gate_up_bias), lora_masks)
+        gu = linear(i, "gate_up", h, lora_step)
         inter = gu.shape[1] // 2
         act = F.silu(gu[:, :inter]) * gu[:, inter:]
-        return x + lora.apply(i, "down", act, F.linear(act, w.down, w.down_bias), lora_masks)
+        return x + linear(i, "down", act, lora_step)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()
@@ -236,7 +207,7 @@ class FusedLlama:
         mask = grouped_mask(self._keys[None, None, :L] <= last[:, None, None], self.num_heads // self.kv_heads, self.dtype)
         cos, sin = self.cos[pos], self.sin[pos]
         rows = self._rows[:b]
-        lora_masks = self.lora.masks(st.adapter[:b])
+        lora_step = self.lora.step_inputs(st.adapter[:b])
 
         def attend(i, q, k, v):
             kc, vc = self.cache[i, 0], self.cache[i, 1]
@@ -246,7 +217,7 @@ class FusedLlama:
 
         x = F.embedding(st.tokens[:b], self.embed)
         for i in range(len(self.layers)):
-            x = self._layer(i, x, cos, sin, lora_masks, attend)
+            x = self._layer(i, x, cos, sin, lora_step, attend)
         return self._logits(x)
 
     def commit(self, b: int, next_tokens: torch.Tensor) -> None:
@@ -284,7 +255,7 @@ class FusedLlama:
         query_pos = starts_t[:, None] + torch.arange(longest, device=dev)[None, :]  # padding rows attend freely, unused
         mask = grouped_mask(self._keys[None, None, :L] <= query_pos[:, :, None], self.num_heads // self.kv_heads, self.dtype)
         cos, sin = self.cos[pos_t], self.sin[pos_t]
-        lora_masks = self.lora.masks(adapters_t)
+        lora_step = self.lora.step_inputs(adapters_t)
 
         def attend(i, q, k, v):
             kc, vc = self.cache[i, 0], self.cache[i, 1]
@@ -297,7 +268,7 @@ class FusedLlama:
 
         x = F.embedding(ids_t, self.embed)
         for i in range(len(self.layers)):
-            x = self._layer(i, x, cos, sin, lora_masks, attend)
+            x = self._layer(i, x, cos, sin, lora_step, attend)
         if not want_logits:
             return None
         ends = [0]

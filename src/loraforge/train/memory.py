@@ -1,0 +1,171 @@
+"""How much to recompute: a memory planner for activation checkpointing, and offloading.
+
+Checkpointing a decoder layer keeps only its input for backward and runs the layer again
+there: about a third more compute for that layer, for a fraction of its activations. The
+plain switch checkpoints every layer or none. The planner spends the memory budget instead:
+it starts from the bytes that do not depend on the choice (weights, LoRA and AdamW state,
+the loss's working set) and leaves as many layers un-checkpointed as the budget allows
+(recompute only what does not fit). When even checkpointing every layer does not fit, the
+checkpointed inputs go to pinned CPU memory (activation offloading) and come back in
+backward. ``loraforge train --dry-run`` prints the plan.
+
+Estimates per token and layer, for a Llama-class decoder with hidden size h, K/V width kv,
+MLP width m and b bytes per value (what autograd keeps for backward):
+  not checkpointed  (8h + 2kv + 4m) b    norms, q/k/v/o and their LoRA inputs, MLP in/out
+  checkpointed      h b                  the layer's input
+  recomputing       (8h + 2kv + 4m) b    one layer at a time, in backward
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GiB = 1024**3
+
+
+@dataclass
+class MemoryPlan:
+    layers: int
+    checkpointed: int  # layers recomputed in backward (the first ones)
+    offload: bool  # checkpointed inputs kept in pinned CPU memory
+    budget: int
+    estimate: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.estimate.values())
+
+    def describe(self) -> str:
+        if self.checkpointed == 0:
+            what = f"no recomputation (all {self.layers} layers keep their activations)"
+        elif self.checkpointed == self.layers:
+            what = f"recompute all {self.layers} layers"
+        else:
+            what = f"recompute {self.checkpointed} of {self.layers} layers, keep the activations of {self.layers - self.checkpointed}"
+        if self.offload:
+            what += ", their inputs offloaded to pinned CPU memory"
+        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.estimate.items() if v)
+        return f"{what}: ~{self.total / GiB:.1f} GiB of a {self.budget / GiB:.1f} GiB budget ({parts})"
+
+
+@dataclass
+class LayerBytes:
+    """Bytes per token of one decoder layer: kept without / with checkpointing."""
+
+    full: int
+    checkpointed: int
+
+
+def layer_bytes(config, width: int) -> LayerBytes:
+    h = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * h)
+    kv = h * getattr(config, "num_key_value_heads", config.num_attention_heads) // config.num_attention_heads
+    return LayerBytes(full=(8 * h + 2 * kv + 4 * inter) * width, checkpointed=h * width)
+
+
+def plan(fixed: dict[str, int], per_token: LayerBytes, layers: int, tokens: int, budget: int, checkpointing: bool | None = None, offload: bool | None = None) -> MemoryPlan:
+    """The plan for ``tokens`` per micro-batch under ``budget`` bytes.
+
+    ``fixed``: bytes that do not depend on the plan (weights, optimizer, loss working set).
+    ``checkpointing``: True / False force every / no layer; None lets the budget decide.
+    ``offload``: True / False force it for checkpointed layers; None: only when needed.
+    """
+    full, ckpt = per_token.full * tokens, per_token.checkpointed * tokens
+
+    def estimate(k: int, off: bool) -> dict[str, int]:
+        kept = (layers - k) * full
+        inputs = 0 if off else k * ckpt
+        working = full if k else 0  # one layer recomputed at a time
+        return fixed | {"activations": kept + inputs + working}
+
+    if checkpointing is False:
+        choices = [0]
+    elif checkpointing is True:
+        choices = [layers]
+    else:
+        choices = list(range(layers + 1))  # fewest recomputed layers first
+    for k in choices:
+        off = bool(offload) and k > 0
+        if sum(estimate(k, off).values()) <= budget or k == choices[-1]:
+            if offload is None and k > 0 and sum(estimate(k, False).values()) > budget:
+                off = True  # even recomputing this much does not fit: offload the inputs
+            return MemoryPlan(layers, k, off, budget, estimate(k, off))
+    raise AssertionError("unreachable")
+
+
+# ---- applying the plan -----------------------------------------------------------------------
+
+
+def apply(model, plan: MemoryPlan) -> None:
+    """Checkpoint the first ``plan.checkpointed`` decoder layers (offloaded if planned).
+
+    Uses transformers' per-layer switch (``GradientCheckpointingLayer.gradient_checkpointing``)
+    after ``gradient_checkpointing_enable`` set every layer up.
+    """
+    from loraforge.train.distributed import decoder_layers
+
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        on = i < plan.checkpointed
+        layer.gradient_checkpointing = on
+        if on and plan.offload:
+            layer._gradient_checkpointing_func = offloaded_checkpoint
+
+
+def offloaded_checkpoint(run, hidden, *args):
+    """``torch.utils.checkpoint`` with the saved input in pinned CPU memory (CUDA), copied out
+    on a side stream while the GPU computes and copied back when backward reaches the layer."""
+    if args:
+        raise TypeError("offloaded_checkpoint takes the layer's hidden states as its only positional argument")
+    return _Offloaded.apply(run, hidden)
+
+
+_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _streams:
+        _streams[index] = torch.cuda.Stream(device=index)
+    return _streams[index]
+
+
+class _Offloaded(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, hidden):
+        ctx.run, ctx.device = run, hidden.device
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        if hidden.is_cuda:
+            stream = _side_stream(hidden.device)
+            stream.wait_stream(torch.cuda.current_stream(hidden.device))
+            saved = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            with torch.cuda.stream(stream):
+                saved.copy_(hidden.detach(), non_blocking=True)
+            hidden.record_stream(stream)  # its memory is not reused before the copy is done
+            ctx.copied = stream.record_event()
+        else:
+            saved, ctx.copied = hidden.detach().clone(), None
+        ctx.saved = saved
+        with torch.no_grad():
+            out = run(hidden)
+        return out[0] if isinstance(out, tuple) else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.copied is not None:
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
+        hidden = ctx.saved.to(ctx.device, non_blocking=True).requires_grad_(True)
+        ctx.saved = None
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices):  # dropout draws the same masks again
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            with torch.enable_grad():
+                out = ctx.run(hidden)
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.backward(out, grad)
+        return None, hidden.grad

@@ -1,0 +1,228 @@
+"""The training speed levers (issue 7), each against the plain path it replaces, on CPU.
+
+padding-free rows + varlen attention vs padded rows + block mask; the chunked fused loss vs
+full logits; the memory planner's arithmetic; the offloaded checkpoint vs no checkpoint; and
+whole runs with every lever on vs every lever off (same losses, same adapter). The GPU
+kernels (flash varlen, Liger) are checked the same way on the H200: scripts/gpu_train_speed.sh.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge.train import attention, memory
+from loraforge.train.batch import collate, collate_flat
+from loraforge.train.data import IGNORE, ChatTokenizer, read_messages
+from loraforge.train.loss import CausalLMLoss, ChunkedLinearCrossEntropy, plain_loss_sum
+from loraforge.train.recipe import train
+
+from .conftest import train_config
+
+
+def _lora(model, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False))
+    peft_model.train()
+    return peft_model
+
+
+def _loss_and_grads(model, batch, fused=False):
+    model.zero_grad()
+    loss = CausalLMLoss(model, fused)(input_ids=batch.input_ids, labels=batch.labels, **batch.model_kwargs())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_tokenizer, demo_kept):
+    tokenize = ChatTokenizer(tiny_tokenizer)
+    return [tokenize(m) for m, _ in read_messages(demo_kept)[:7]]
+
+
+def test_flat_rows_with_varlen_attention_equal_padded_rows_with_masks(samples):
+    """The same 7 samples packed into 3 rows: one flat row through the varlen attention gives
+    the loss and LoRA gradients of padded rows through SDPA with block masks."""
+    from loraforge.models import build_tiny_llama
+
+    rows = [samples[0:3], samples[3:5], samples[5:7]]
+    padded = collate(rows, 0)
+    flat = collate_flat(rows)
+    assert flat.input_ids.shape == (1, padded.real_tokens) and flat.real_tokens == padded.real_tokens
+    assert flat.supervised == padded.supervised
+    assert flat.cu_seqlens.tolist()[-1] == padded.real_tokens and len(flat.cu_seqlens) == 8
+    assert flat.max_len == max(len(s.input_ids) for s in samples)
+
+    model, _ = build_tiny_llama(seed=3)
+    reference = _loss_and_grads(_lora(model), padded)
+    model, _ = build_tiny_llama(seed=3)
+    model.set_attn_implementation(attention.register())
+    varlen = _loss_and_grads(_lora(model), flat)
+    torch.testing.assert_close(varlen[0], reference[0], rtol=1e-5, atol=1e-5)
+    assert varlen[1].keys() == reference[1].keys() and len(varlen[1]) > 0
+    for name in reference[1]:
+        torch.testing.assert_close(varlen[1][name], reference[1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_varlen_attention_keeps_samples_apart():
+    """Changing one sample's tokens changes no other sample's outputs (no attention across)."""
+    from loraforge.models import build_tiny_llama
+
+    model, _ = build_tiny_llama(seed=4)
+    model.set_attn_implementation(attention.register())
+    ids = torch.randint(5, 200, (1, 20))
+    cu = torch.tensor([0, 6, 13, 20], dtype=torch.int32)
+    positions = torch.cat([torch.arange(6), torch.arange(7), torch.arange(7)])[None]
+    kwargs = attention.flat_kwargs(cu, 7)
+    with torch.no_grad():
+        before = model(input_ids=ids, position_ids=positions, **kwargs).logits
+        changed = ids.clone()
+        changed[0, 6:13] = torch.randint(5, 200, (7,))
+        after = model(input_ids=changed, position_ids=positions, **kwargs).logits
+    torch.testing.assert_close(after[0, :6], before[0, :6])
+    torch.testing.assert_close(after[0, 13:], before[0, 13:])
+    assert not torch.allclose(after[0, 6:13], before[0, 6:13])
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        model(input_ids=ids, position_ids=positions)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_chunked_fused_loss_equals_full_logits(weight_grad):
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=weight_grad)
+    labels = torch.randint(0, 50, (37,))
+    labels[[0, 5, 36]] = IGNORE
+    expected = plain_loss_sum(hidden, weight, labels)
+    expected.backward()
+    grads = hidden.grad.clone(), (weight.grad.clone() if weight_grad else None)
+    hidden.grad = None
+    weight.grad = None
+    fused = ChunkedLinearCrossEntropy.apply(hidden, weight, labels, 8)  # 5 chunks, the last short
+    (fused * 2).backward()  # the incoming gradient scales both
+    torch.testing.assert_close(fused, expected.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, 2 * grads[0], rtol=1e-4, atol=1e-5)
+    if weight_grad:
+        torch.testing.assert_close(weight.grad, 2 * grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_loss_module_equals_logits_module(samples):
+    from loraforge.models import build_tiny_llama
+
+    batch = collate([samples[:3], samples[3:6]], 0)
+    model, _ = build_tiny_llama(seed=5)
+    plain = _loss_and_grads(_lora(model), batch, fused=False)
+    model, _ = build_tiny_llama(seed=5)
+    fused = _loss_and_grads(_lora(model), batch, fused=True)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
+    for name in plain[1]:
+        torch.testing.assert_close(fused[1][name], plain[1][name], rtol=1e-4, atol=1e-5)
+
+
+# ---- the memory planner ---------------------------------------------------------------------
+
+GB = 1024**3
+PER_TOKEN = memory.LayerBytes(full=100_000, checkpointed=8_000)
+FIXED = {"weights": 10 * GB}
+
+
+def test_planner_spends_the_budget_on_keeping_activations():
+    """More budget -> fewer layers recomputed; the plan always fits; extremes as expected."""
+    tokens, layers = 8192, 32
+    roomy = memory.plan(FIXED, PER_TOKEN, layers, tokens, 100 * GB)
+    assert roomy.checkpointed == 0 and not roomy.offload and roomy.total <= 100 * GB
+    previous = 0
+    for budget_gb in (40, 30, 20, 15, 13):
+        p = memory.plan(FIXED, PER_TOKEN, layers, tokens, budget_gb * GB)
+        assert p.total <= budget_gb * GB, p.describe()
+        assert p.checkpointed >= previous and not p.offload
+        previous = p.checkpointed
+    assert 0 < memory.plan(FIXED, PER_TOKEN, layers, tokens, 20 * GB).checkpointed < layers
+    # recomputing everything still does not fit: the inputs go to CPU memory
+    tight = memory.plan(FIXED, PER_TOKEN, layers, tokens, int(10.8 * GB))
+    assert tight.checkpointed == layers and tight.offload and tight.total <= 10.8 * GB
+    assert "offloaded" in tight.describe() and "recompute all 32 layers" in tight.describe()
+    # the switches force the plan whatever the budget
+    assert memory.plan(FIXED, PER_TOKEN, layers, tokens, 100 * GB, checkpointing=True).checkpointed == layers
+    assert memory.plan(FIXED, PER_TOKEN, layers, tokens, 11 * GB, checkpointing=False).checkpointed == 0
+    assert not memory.plan(FIXED, PER_TOKEN, layers, tokens, int(10.8 * GB), offload=False).offload
+    assert memory.plan(FIXED, PER_TOKEN, layers, tokens, 100 * GB, checkpointing=True, offload=True).offload
+
+
+def test_planner_on_the_8b_shape():
+    """Llama-3-8B, 8,192 tokens a micro-batch, bf16: the H200's 139 GiB keeps every activation;
+    an 18 GiB budget recomputes every layer (and offloads); 40 GiB sits between."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraforge.bench.train_smoke import LLAMA3_8B
+    from loraforge.config import load_config
+    from loraforge.train import preflight as pf
+
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B))
+    cfg = load_config(overrides={"train.micro_batch_size": 2, "train.lora.r": 32, "train.lora.alpha": 64}).train
+
+    def plan_for(budget):
+        return pf.plan_memory(meta, cfg.model_copy(update={"memory_budget_gib": budget}), torch.bfloat16, torch.device("cpu"), 4096, fused_loss=True, flat=True)
+
+    assert plan_for(125).checkpointed == 0
+    middle = plan_for(40)
+    assert 0 < middle.checkpointed < 32
+    lean = plan_for(20)
+    assert lean.checkpointed == 32 and not lean.offload  # CPU: offloading is a CUDA feature
+    fused = pf.estimate_memory(meta, cfg, torch.bfloat16, 4096, 2, True, fused_loss=True, flat=True)
+    plain = pf.estimate_memory(meta, cfg, torch.bfloat16, 4096, 2, True)
+    assert fused["logits"] < plain["logits"] / 5 and fused["attention_mask"] == 0
+
+
+def test_offloaded_checkpoint_gives_the_gradients_of_no_checkpoint(samples):
+    """Dropout on: the recomputation must draw the same masks (RNG state restored)."""
+    from loraforge.models import build_tiny_llama
+
+    batch = collate([samples[:3], samples[3:6]], 0)
+    grads = []
+    for checkpointed in (False, True):
+        model, _ = build_tiny_llama(seed=6)
+        model = _lora(model, dropout=0.3)
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+            memory.apply(model, memory.MemoryPlan(layers=2, checkpointed=1, offload=True, budget=0, estimate={}))
+        torch.manual_seed(11)
+        grads.append(_loss_and_grads(model, batch))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[1][1][name], grads[0][1][name], rtol=1e-5, atol=1e-7)
+
+
+# ---- whole runs -------------------------------------------------------------------------------
+
+LEVERS_OFF = {"train.attention": "sdpa", "train.fused_loss": False, "train.gradient_checkpointing": False}
+LEVERS_ON = {"train.attention": "varlen", "train.fused_loss": True, "train.memory_budget_gib": 0.0008}
+
+
+def test_run_with_every_lever_equals_the_plain_run(tiny_model_dir, demo_kept, tmp_path):
+    """Same data order, same seed: losses step by step and the final adapter agree; the dry
+    run shows the plan (a tiny budget: some layers recomputed)."""
+    from loraforge.train.recipe import TrainRun
+
+    dry = TrainRun(train_config(tiny_model_dir, demo_kept, tmp_path / "dry", **LEVERS_ON))
+    dry.setup(dry_run=True)
+    assert 0 < dry.memory_plan.checkpointed <= 2
+    messages = {f.check: f.message for f in dry.findings}
+    assert "recompute" in messages["memory_plan"] and "varlen" in messages["device"] and "fused" in messages["device"]
+
+    runs = {}
+    for name, levers in (("plain", LEVERS_OFF), ("fast", LEVERS_ON)):
+        result = train(train_config(tiny_model_dir, demo_kept, tmp_path / name, **levers, **{"train.max_steps": 3}), show_progress=False)
+        steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = ([s["loss"] for s in steps], [s["tokens"] for s in steps], result.eval_loss, load_file(result.run_dir / "adapter" / "adapter_model.safetensors"))
+    plain, fast = runs["plain"], runs["fast"]
+    assert fast[1] == plain[1]  # the same real tokens each step (the flat rows carry no padding)
+    assert fast[0] == pytest.approx(plain[0], rel=1e-4)
+    assert fast[2] == pytest.approx(plain[2], rel=1e-4)
+    for key in plain[3]:
+        torch.testing.assert_close(fast[3][key], plain[3][key], rtol=1e-3, atol=1e-5)

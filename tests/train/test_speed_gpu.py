@@ -1,0 +1,84 @@
+"""The training speed levers' GPU kernels against the plain path (CUDA only; skipped elsewhere).
+
+Run on the H200 by scripts/gpu_train_speed.sh: torch's flash varlen attention vs SDPA per
+sample (GQA, bf16, forward and backward), Liger's fused loss vs full logits, the offloaded
+checkpoint vs no checkpoint, and a whole run with every lever on vs every lever off.
+"""
+
+import json
+
+import pytest
+import torch
+
+from loraforge.train import attention, memory
+from loraforge.train.data import IGNORE
+from loraforge.train.loss import ChunkedLinearCrossEntropy, fused_loss_sum, plain_loss_sum
+from loraforge.train.recipe import train
+
+from .conftest import train_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_flash_varlen_equals_sdpa_per_sample_with_gqa():
+    torch.manual_seed(0)
+    lengths = [700, 1, 333, 2048, 90]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    total = sum(lengths)
+    q = torch.randn(total, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(total, 32, 128, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fn in (attention._flash_varlen, lambda *a: attention._sdpa_per_sample(*a[:4], a[5])):
+        out = fn(q, k, v, cu, max(lengths), None)
+        q.grad = k.grad = v.grad = None
+        out.backward(grad)
+        results.append((out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()))
+    for flash, reference in zip(*results):  # bf16: compare errors relative to the tensor's scale
+        assert (flash - reference).abs().max() <= 0.05 * reference.abs().max()
+        assert (flash - reference).norm() <= 0.01 * reference.norm()
+
+
+def test_fused_loss_on_gpu_equals_full_logits():
+    torch.manual_seed(0)
+    hidden = torch.randn(3000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(32000, 512, device="cuda", dtype=torch.bfloat16) * 0.05
+    labels = torch.randint(0, 32000, (3000,), device="cuda")
+    labels[::7] = IGNORE
+    reference = plain_loss_sum(hidden, weight, labels)
+    reference.backward()
+    expected = hidden.grad.float().clone()
+    for fn in (lambda: fused_loss_sum(hidden, weight, labels), lambda: ChunkedLinearCrossEntropy.apply(hidden, weight, labels, 512)):
+        hidden.grad = None
+        loss = fn()
+        loss.backward()
+        torch.testing.assert_close(loss.float(), reference.float(), rtol=5e-3, atol=0.5)
+        torch.testing.assert_close(hidden.grad.float(), expected, rtol=5e-2, atol=2e-3)
+
+
+def test_offloaded_checkpoint_on_gpu():
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Dropout(0.2), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    x = torch.randn(64, 256, device="cuda", requires_grad=True)
+    grads = []
+    for offloaded in (False, True):
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(5)
+        out = memory.offloaded_checkpoint(layer, x) if offloaded else layer(x)
+        (out * out).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_run_with_every_lever_matches_the_plain_run_on_gpu(tiny_model_dir, demo_kept, tmp_path):
+    off = {"train.attention": "sdpa", "train.fused_loss": False, "train.gradient_checkpointing": False, "train.dtype": "bf16"}
+    on = {"train.attention": "auto", "train.fused_loss": True, "train.gradient_checkpointing": True, "train.offload_activations": True, "train.dtype": "bf16"}
+    losses = {}
+    for name, levers in (("plain", off), ("fast", on)):
+        result = train(train_config(tiny_model_dir, demo_kept, tmp_path / name, **levers, **{"train.max_steps": 6}), show_progress=False)
+        losses[name] = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses["fast"] == pytest.approx(losses["plain"], rel=2e-2)
+    assert attention.available(torch.device("cuda"))
