@@ -195,6 +195,9 @@ class TrainConfig(_Section):
     # The loss straight from the last hidden states, chunk by chunk, never the whole logits tensor
     # (Liger's kernel when installed). null: on CUDA.
     fused_loss: bool | None = None
+    # Base matmul and LoRA product in one autograd function, in the compute dtype, one saved input
+    # (train.fused_lora). null: on CUDA. Layers with dropout, DoRA or biases keep PEFT's forward.
+    fused_lora: bool | None = None
     # LoRA weights, their gradients and AdamW state: fp32 (PEFT's default: exact small updates, and
     # PEFT casts each LoRA input to fp32) or the base model's dtype (bf16 on GPU: half the memory
     # and traffic of the adapter path, updates rounded to bf16).

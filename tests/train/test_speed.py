@@ -122,6 +122,38 @@ def test_fused_loss_module_equals_logits_module(samples):
         torch.testing.assert_close(fused[1][name], plain[1][name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("adapter_fp32", [True, False])
+def test_fused_lora_equals_peft(samples, adapter_fp32):
+    """Same loss and LoRA gradients as PEFT's forward, fp32 adapters (PEFT's default) or not."""
+    from loraforge.models import build_tiny_llama
+    from loraforge.train import fused_lora
+
+    batch = collate([samples[:3], samples[3:6]], 0)
+    results = []
+    for fused in (False, True):
+        model, _ = build_tiny_llama(seed=8)
+        model = _lora(model)
+        if not adapter_fp32:
+            model = model.to(torch.float64)  # adapters in the model's dtype; exact comparison
+        if fused:
+            count, skipped = fused_lora.apply(model)
+            assert count == 14 and skipped == {}  # 7 linear layers x 2 decoder layers
+        results.append(_loss_and_grads(model, batch))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    assert results[1][1].keys() == results[0][1].keys()
+    for name in results[0][1]:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_lora_leaves_what_it_does_not_cover_to_peft():
+    from loraforge.models import build_tiny_llama
+    from loraforge.train import fused_lora
+
+    model, _ = build_tiny_llama(seed=8)
+    model = _lora(model, dropout=0.1)
+    assert fused_lora.apply(model) == (0, {"dropout": 14})
+
+
 # ---- the memory planner ---------------------------------------------------------------------
 
 GB = 1024**3
@@ -200,8 +232,8 @@ def test_offloaded_checkpoint_gives_the_gradients_of_no_checkpoint(samples):
 
 # ---- whole runs -------------------------------------------------------------------------------
 
-LEVERS_OFF = {"train.attention": "sdpa", "train.fused_loss": False, "train.gradient_checkpointing": False}
-LEVERS_ON = {"train.attention": "varlen", "train.fused_loss": True, "train.memory_budget_gib": 0.0008}
+LEVERS_OFF = {"train.attention": "sdpa", "train.fused_loss": False, "train.fused_lora": False, "train.gradient_checkpointing": False}
+LEVERS_ON = {"train.attention": "varlen", "train.fused_loss": True, "train.fused_lora": True, "train.memory_budget_gib": 0.0008}
 
 
 def test_run_with_every_lever_equals_the_plain_run(tiny_model_dir, demo_kept, tmp_path):

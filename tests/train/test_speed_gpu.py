@@ -82,3 +82,27 @@ def test_run_with_every_lever_matches_the_plain_run_on_gpu(tiny_model_dir, demo_
         losses[name] = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert losses["fast"] == pytest.approx(losses["plain"], rel=2e-2)
     assert attention.available(torch.device("cuda"))
+
+
+def test_fused_lora_on_nf4_base_equals_peft(tiny_model_dir):
+    """QLoRA: the fused layer dequantizes the NF4 weight itself; loss and LoRA gradients as PEFT's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from loraforge.train import fused_lora
+
+    ids = torch.randint(5, 200, (2, 64), device="cuda")
+    results = []
+    for fused in (False, True):
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0})
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+        if fused:
+            assert fused_lora.apply(model)[0] == 14
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-2, atol=1e-2)
+    for name, reference in results[0][1].items():
+        assert (results[1][1][name] - reference).norm() <= 0.03 * reference.norm() + 1e-6, name

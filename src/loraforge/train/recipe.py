@@ -32,6 +32,7 @@ from loraforge.errors import OutOfMemory, PreflightError, TrainError, TrainingDi
 from loraforge.train import data as data_mod
 from loraforge.train import attention
 from loraforge.train import distributed as dist_mod
+from loraforge.train import fused_lora
 from loraforge.train import memory
 from loraforge.train import preflight as pf
 from loraforge.train.batch import Batch, collate, collate_flat, padding_batch
@@ -90,6 +91,7 @@ class TrainRun:
         # the loss without logits, the memory planner's recomputation (decided in _preflight)
         self.flat = cfg.attention == "varlen" or (cfg.attention == "auto" and attention.available(self.device))
         self.fused_loss = cfg.fused_loss if cfg.fused_loss is not None else self.device.type == "cuda"
+        self.fused_lora = cfg.fused_lora if cfg.fused_lora is not None else self.device.type == "cuda"
         self.model_dir = resolve_model(self.config.model.name)
         self.tokenizer = load_tokenizer(str(self.model_dir))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -229,6 +231,9 @@ class TrainRun:
         self.model = wrap_lora(base, self.cfg, self.checkpointing)
         if self.checkpointing:
             memory.apply(self.model, self.memory_plan)
+        if self.fused_lora and self.strategy != "fsdp":  # FSDP's sharded parameters: PEFT's forward
+            fused, skipped = fused_lora.apply(self.model)
+            self.accelerations.append(f"fused LoRA: {fused} layers" + "".join(f", {n} kept PEFT's ({why})" for why, n in skipped.items()))
         if self.checkpoint:  # full weights, before FSDP shards them
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
