@@ -64,7 +64,7 @@ def test_triton_expand_equals_the_torch_form(T, R, outs, K, layout, dtype):
         slot[-1] = K - 1
     before, wide_before = out.clone(), wide.clone()
     # the reference on a contiguous copy: cuBLAS refuses some degenerate strides (T = 1, column-major)
-    expected = torch_expand(out.contiguous().clone(), h, B, slot, K, R, n)
+    expected = torch_expand(out.clone(memory_format=torch.contiguous_format), h, B, slot, K, R, n)
     kernels.expand_(out, h, B, slot, K, R, tuple(sum(outs[:i]) for i in range(1, n)))
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)  # one rounding each, summed in a different order
     assert torch.equal(out[slot == 0], before[slot == 0])  # base rows untouched

@@ -11,6 +11,8 @@ never touch the others), on the same GPU, model folder and data:
   loraforge-lean  the same under train.memory_budget_gib (default 18: Unsloth's footprint)
   unsloth         FastLanguageModel + get_peft_model(use_gradient_checkpointing="unsloth"),
                   its own fused loss, a plain AdamW loop over the same micro-batches
+  unsloth-packed  the same fed loraforge's packed rows as one flat row with restarting
+                  position_ids and no mask (Unsloth's packed input; its speed with packing)
 
 Cases: ``dense`` (micro-batches of 2 x 4096 random tokens, every token supervised: kernels at
 full occupancy) and ``alpaca`` (the shared Alpaca file rendered with the embedded chat template,
@@ -32,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("hf-peft", "loraforge", "loraforge-lean", "unsloth")
+ENGINES = ("hf-peft", "loraforge", "loraforge-lean", "unsloth", "unsloth-packed")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -209,7 +211,15 @@ def run_loraforge(model_dir, samples, quant, args, budget_gib: float | None) -> 
     }
 
 
-def run_unsloth(model_dir, samples, quant, args) -> dict:
+def packed_flat_batches(samples, micro_batch: int, max_len: int):
+    """loraforge's packing (rows of <= max_len tokens), ``micro_batch`` rows to a flat batch."""
+    from loraforge.train.data import pack
+
+    rows = pack([len(s.input_ids) for s in samples], max_len)
+    return [[samples[i] for row in rows[k : k + micro_batch] for i in row] for k in range(0, len(rows), micro_batch)]
+
+
+def run_unsloth(model_dir, samples, quant, args, packed: bool = False) -> dict:
     import torch
     from unsloth import FastLanguageModel
 
@@ -220,14 +230,22 @@ def run_unsloth(model_dir, samples, quant, args) -> dict:
     pad_id = model.config.pad_token_id or 0
 
     def step(batch):
-        ids, labels, mask, real = _pad(batch, pad_id, "cuda")
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if packed:  # one flat row, positions restarting per sample, no mask (Unsloth's packed input)
+            from loraforge.train.batch import collate_flat
+
+            flat = collate_flat([batch]).to("cuda")
+            loss = model(input_ids=flat.input_ids, position_ids=flat.position_ids, labels=flat.labels).loss
+            real = flat.real_tokens
+        else:
+            ids, labels, mask, real = _pad(batch, pad_id, "cuda")
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss), real
 
-    return _timed(step, padded_pairs(samples, args.micro_batch), args.warmup, args.steps)
+    batches = packed_flat_batches(samples, args.micro_batch, args.max_seq_length) if packed else padded_pairs(samples, args.micro_batch)
+    return _timed(step, batches, args.warmup, args.steps)
 
 
 def run_one(args) -> dict:
@@ -246,6 +264,8 @@ def run_one(args) -> dict:
         result = run_loraforge(args.model_dir, samples, quant, args, args.lean_budget)
     elif args.engine == "unsloth":
         result = run_unsloth(args.model_dir, samples, quant, args)
+    elif args.engine == "unsloth-packed":
+        result = run_unsloth(args.model_dir, samples, quant, args, packed=True)
     else:
         raise SystemExit(f"unknown engine {args.engine}: one of {', '.join(ENGINES)}")
     total_tokens = sum(len(s.input_ids) for s in all_samples(args))
