@@ -1,8 +1,15 @@
 # H200 serving benchmark (run through the device tool, carrying .whl3 with the wheels the
 # image lacks: pydantic, fastapi, starlette, uvicorn, openai and their needs, and .carry/tok
 # with the embedded tokenizer). See docs/BENCHMARKS.md.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site3 .whl3/*.whl || exit 1
-export PYTHONPATH=/tmp/site3:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# (or .gpusite.tgz, the bundle of scripts/gpu_train_speed.sh). REQUESTS / CONCURRENCY set the load.
+if [ -f .gpusite.tgz ]; then
+  [ -d /tmp/gpusite ] || tar xzf .gpusite.tgz -C /tmp || exit 1
+  SITE=/tmp/gpusite
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site3 .whl3/*.whl || exit 1
+  SITE=/tmp/site3
+fi
+export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 - <<'PY' || exit 1
 from pathlib import Path
 from loraforge.bench.train_smoke import build_random_model
@@ -16,7 +23,7 @@ import json,sys
 from pathlib import Path
 from loraforge.bench.serve import bench_serve
 ad={f'adapter{k}': Path(f'/tmp/ad8b/adapter{k}') for k in range(4)}
-r=bench_serve('/tmp/m8b', ad, Path('$OUT'), requests=48, concurrency=16, max_tokens=(32,96))
+r=bench_serve('/tmp/m8b', ad, Path('$OUT'), requests=${REQUESTS:-48}, concurrency=${CONCURRENCY:-16}, max_tokens=(32,96))
 print(json.dumps(r, indent=1))
 " 2>&1 | grep -v -i "warn\|Loading weights"
 tail -5 $OUT/serve.log
