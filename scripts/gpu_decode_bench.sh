@@ -3,16 +3,7 @@
 # scripts/gpu_serve_bench.sh). Builds the Llama-3-8B architecture with random bf16 weights in
 # memory (no download, no disk), 4 random r=16 adapters, then measures plain generate and the
 # engine in one process. See docs/BENCHMARKS.md, "Decode speed on the H200".
-if [ -f .gpusite.tgz ]; then  # the one bundle of scripts/gpu_train_speed.sh, when carried
-  [ -d /tmp/gpusite ] || tar xzf .gpusite.tgz -C /tmp || exit 1
-  SITE=/tmp/gpusite
-else
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site3 .whl3/*.whl || exit 1
-  SITE=/tmp/site3
-fi
-export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+source scripts/gpu_env.sh
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/serve/test_fast_engine.py tests/serve/test_fast_kernels.py -m "not slow" > "${OUT:-/tmp}/pytest.log" 2>&1
 grep -E "^E |passed|failed" "${OUT:-/tmp}/pytest.log" | head -20
 timeout 340 python3 -m loraforge.bench.decode --out "${OUT:-bench-out/decode}" "$@" 2>&1 | grep -v -i "warn"

@@ -1,15 +1,8 @@
 # H200 serving benchmark (run through the device tool, carrying .whl3 with the wheels the
 # image lacks: pydantic, fastapi, starlette, uvicorn, openai and their needs, and .carry/tok
 # with the embedded tokenizer). See docs/BENCHMARKS.md.
-# (or .gpusite.tgz, the bundle of scripts/gpu_train_speed.sh). REQUESTS / CONCURRENCY set the load.
-if [ -f .gpusite.tgz ]; then
-  [ -d /tmp/gpusite ] || tar xzf .gpusite.tgz -C /tmp || exit 1
-  SITE=/tmp/gpusite
-else
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site3 .whl3/*.whl || exit 1
-  SITE=/tmp/site3
-fi
-export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# (or .gpusite.tgz: scripts/gpu_env.sh). REQUESTS / CONCURRENCY set the load.
+source scripts/gpu_env.sh
 python3 - <<'PY' || exit 1
 from pathlib import Path
 from loraforge.bench.train_smoke import build_random_model

@@ -19,7 +19,7 @@ def test_help_lists_every_command():
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["gate", "train", "merge", "eval", "serve", "ask", "doctor", "report", "demo-data", "demo", "model", "bench gate", "bench serve", "bench train-distributed"])
+@pytest.mark.parametrize("command", ["gate", "train", "merge", "eval", "serve", "ask", "doctor", "report", "demo-data", "demo", "model", "bench gate", "bench serve", "bench train", "bench train-distributed"])
 def test_each_command_help_has_an_example(command):
     result = loraforge(*command.split(), "--help")
     assert result.returncode == 0

@@ -258,3 +258,21 @@ def test_run_with_every_lever_equals_the_plain_run(tiny_model_dir, demo_kept, tm
     assert fast[2] == pytest.approx(plain[2], rel=1e-4)
     for key in plain[3]:
         torch.testing.assert_close(fast[3][key], plain[3][key], rtol=1e-3, atol=1e-5)
+
+
+def test_bench_train_runs_engines_side_by_side_on_cpu(tmp_path):
+    """`loraforge bench train` on the embedded default's shape: each engine in its own process,
+    results.json with tokens/s and losses; a failing engine (Unsloth: not installed here) is
+    reported as failed, not fatal."""
+    from loraforge.bench.train_speed import main
+
+    results = main([
+        "--arch", "smollm2", "--engines", "hf-peft,loraforge,unsloth", "--cases", "dense", "--quants", "bf16",
+        "--steps", "1", "--warmup", "1", "--max-seq-length", "64", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+    ])
+    by_engine = {r["engine"]: r for r in results}
+    for engine in ("hf-peft", "loraforge"):
+        assert by_engine[engine]["tokens_per_s"] > 0 and by_engine[engine]["timed_steps"] == 1, by_engine[engine]
+    assert by_engine["loraforge"]["last_loss"] == pytest.approx(by_engine["hf-peft"]["last_loss"], rel=0.05)  # same base, same kind of data
+    assert "error" in by_engine["unsloth"]
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == results

@@ -137,7 +137,7 @@ def available_memory(device: torch.device) -> int:
 
 
 def plan_memory(model, cfg: TrainConfig, dtype, device, seq_len: int, fused_loss: bool, flat: bool):
-    """The memory planner's choice (``train.memory``) for this model, data and device."""
+    """The memory planner's choice (``train.memory.plan``) for this model, data and device."""
     from loraforge.train import memory
 
     parts = estimate_memory(model, cfg, dtype, seq_len, cfg.micro_batch_size, False, fused_loss, flat)

@@ -158,7 +158,13 @@ class TrainRun:
                     out.append(sample)
             return out
 
-        self.train_samples, self.eval_samples = prepare(train_rows), prepare(eval_rows)
+        self.use_samples(prepare(train_rows), prepare(eval_rows))
+
+    def use_samples(self, train_samples: list, eval_samples: list) -> None:
+        """Rows, batch and step counts for these tokenized samples (``loraforge bench train``
+        hands its own samples in here instead of a data file)."""
+        cfg = self.cfg
+        self.train_samples, self.eval_samples = train_samples, eval_samples
         # loss-carrying tokens of each sample once collated (its first token never is)
         self.sample_supervised = [s.supervised - (s.labels[0] != IGNORE) for s in self.train_samples]
         self.train_rows = self._rows(self.train_samples)
@@ -209,13 +215,13 @@ class TrainRun:
         if cfg.attention == "varlen" and self.device.type == "cuda" and not attention.available(self.device):
             findings.append(pf.Finding("block", "attention", f"train.attention: varlen, but torch {torch.__version__} has no flash varlen kernel", "train.attention: auto (or sdpa), or torch >= 2.10"))
         if self.dist.enabled:
-            strategy, memory, self.strategy, self.memory_estimate = pf.plan_strategy(
+            strategy, memory_finding, self.strategy, self.memory_estimate = pf.plan_strategy(
                 meta, cfg, self.dtype, self.device, seq, self.checkpointing, self.dist.world, self.dist.local_world
             )
             findings.append(strategy)
         else:
-            memory, self.memory_estimate = pf.check_memory(meta, cfg, self.dtype, self.device, seq, self.checkpointing, parts=self.memory_plan.estimate)
-        findings.append(memory)
+            memory_finding, self.memory_estimate = pf.check_memory(meta, cfg, self.dtype, self.device, seq, self.checkpointing, parts=self.memory_plan.estimate)
+        findings.append(memory_finding)
         findings.append(pf.Finding("ok", "memory_plan", self.memory_plan.describe()))
         if cfg.lora.dora or cfg.lora.r not in VLLM_RANKS:
             findings.append(pf.Finding("warn", "serving", f"vLLM serves LoRA ranks {VLLM_RANKS} and no DoRA", "use one of those ranks, or serve a merged model (loraforge merge)"))
@@ -330,8 +336,9 @@ class TrainRun:
         except torch.cuda.OutOfMemoryError as exc:
             parts = ", ".join(f"{k} {v / pf.GiB:.2f} GiB" for k, v in self.memory_estimate.items())
             raise OutOfMemory(
-                f"CUDA out of memory at step {self.step + 1} (estimate: {parts}). Lower train.micro_batch_size "
-                "(and raise train.grad_accum), set train.gradient_checkpointing: true, shorten train.max_seq_length, "
+                f"CUDA out of memory at step {self.step + 1} (estimate: {parts}; plan: {self.memory_plan.describe()}). "
+                "Lower train.memory_budget_gib (the planner then recomputes more layers, and offloads their inputs "
+                "at the lowest), lower train.micro_batch_size (and raise train.grad_accum), shorten train.max_seq_length, "
                 "or use train.quantization: nf4"
             ) from exc
         except TrainingDiverged:
