@@ -112,3 +112,132 @@ def test_token_counter_chunk_path_is_exact(embedded_tokenizer, alpaca_file, shar
     for text in texts:
         assert counter(text) == counter.exact(text), repr(text)
     assert counter.fast  # never fell back
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=junk)
+def test_screened_ngram_counts_equal_the_full_ones(text):
+    from loraforge.gate.repetition import _Screen, dup_ngram_char_frac
+
+    words = words_of(text)
+    screen = _Screen(words)
+    total = max(sum(map(len, words)), 1)
+    for n in range(1, 11):
+        grams = list(zip(*(words[i:] for i in range(n))))
+        assert screen.repeats(n) == (len(set(grams)) < len(grams))
+        assert screen.dup_ngram_char_frac(n, total) == dup_ngram_char_frac(words, n, total)
+
+
+WS_PIECES = [" ", "  ", "   ", "\n", "\n\n", "\t", " \n", "\r\n", "\u00a0", "\u2003", "\u3000", "\x85", "\x1c", "\x0b",
+             "a", "word", "'s", "'", "12", "é", "日本", "!", "...", "-", "_"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.lists(st.sampled_from(WS_PIECES), max_size=40).map("".join) | st.text(max_size=80))
+def test_whitespace_segments_keep_gpt2_pre_tokens(text):
+    import regex
+
+    from loraforge.models.chat import _GPT2_SPLIT, _segments_regex
+
+    split, segments = regex.compile(_GPT2_SPLIT), _segments_regex()
+    pieces = segments.findall(text)
+    assert "".join(pieces) == text
+    assert [t for piece in pieces for t in split.findall(piece)] == split.findall(text)
+
+
+def test_white_space_class_is_the_regex_modules():
+    import re
+
+    import regex
+
+    from loraforge.models.chat import _WHITE_SPACE
+
+    ours = re.compile(f"[{_WHITE_SPACE}]")
+    for code in range(0x110000):
+        c = chr(code)
+        assert bool(ours.match(c)) == bool(regex.match(r"\s", c)), hex(code)
+
+
+def test_joined_render_equals_jinja_on_real_data(tiny_tokenizer, alpaca_file, sharegpt_file):
+    from loraforge.gate.normalize import normalize
+    from loraforge.models.chat import ChatRenderer
+
+    renderer = ChatRenderer(tiny_tokenizer, verify_first=0)
+    assert renderer._layouts is not None  # chatml inserts content verbatim
+    records = json.loads(alpaca_file.read_text()) + json.loads(sharegpt_file.read_text())
+    conversations = [normalize(r) for r in records]
+    conversations += [[{"role": "user", "content": c}, {"role": "assistant", "content": c[::-1]}]
+                      for c in ["", " ", "\n", " x ", "<|im_end|>", "\ue000", "{{ x }}", "a\n\n"]]
+    for messages in conversations:
+        for add in (False, True):
+            upto = messages[:-1] if add else messages
+            assert renderer.render(upto, add) == renderer._fast(upto, add)
+    assert any(layout for layout in renderer._layouts.values())
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for message in messages %}{{ (message['content'] + '') | trim }}\n{% endfor %}",  # strips: probes catch it
+        "{% for message in messages %}{{ message['content'] | upper }}{% endfor %}",  # a filter: the source check
+        "{% for message in messages %}{% if 'x' in message['content'] %}X{% endif %}{{ message['content'] }}{% endfor %}",
+    ],
+)
+def test_templates_that_touch_content_render_with_jinja(template, tiny_tokenizer):
+    import copy
+
+    from loraforge.models.chat import ChatRenderer
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = template
+    renderer = ChatRenderer(tokenizer, verify_first=0)
+    messages = [{"role": "user", "content": " hi x "}, {"role": "assistant", "content": "ok\n"}]
+    assert renderer.render(messages) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert renderer._layouts is None or not any(renderer._layouts.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(junk, min_size=1, max_size=3), role=st.sampled_from(["user", "assistant", "a b", "", "x\n"]))
+def test_normalized_words_equal_the_split_text(texts, role):
+    from loraforge.gate.dedup import _normalized
+
+    messages = [{"role": role if i == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
+    norm, words = _normalized(messages)
+    assert norm == normalized_text(messages)
+    assert words == norm.split()
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(st.lists(st.sampled_from(PII_PIECES), max_size=25).map("".join), min_size=1, max_size=3))
+def test_pii_joined_prefilter_never_misses_a_message(texts):
+    from loraforge.gate.pii import may_contain_pii
+
+    kinds = list(PATTERNS)
+    if any(find_pii(t, kinds) for t in texts):
+        assert may_contain_pii("\n".join(texts), kinds)
+
+
+def test_key_index_through_memoryviews_acts_as_a_dict():
+    from loraforge.gate.dedup import KeyIndex
+
+    rng = random.Random(0)
+    index, reference = KeyIndex(capacity=16), {}  # small: many collisions and several growths
+    for value, key in enumerate([rng.getrandbits(64) for _ in range(500)] + [0, 1, 2**64 - 1, 5, 5]):
+        index.add(key, value)
+        reference.setdefault(key or 1, value)
+    assert index.size == len(reference)
+    for key in [*reference, 0, *(rng.getrandbits(64) for _ in range(500))]:
+        assert index.get(key) == reference.get(key or 1)
+
+
+def test_sketch_similarity_counts_as_the_mean_did():
+    from loraforge.gate.dedup import DuplicateIndex
+
+    rng = np.random.default_rng(0)
+    index = DuplicateIndex(exact=False, near=True, threshold=0.85, num_perm=128)
+    for ordinal in range(200):
+        kept = rng.integers(0, 256, 128, dtype=np.uint8)
+        index.add(ordinal, None, ([ordinal], kept.tobytes()))
+        other = np.where(rng.random(128) < rng.random(), kept, rng.integers(0, 256, 128, dtype=np.uint8)).astype(np.uint8)
+        equal = float(np.mean(kept == other))
+        assert index.jaccard(ordinal, other.tobytes()) == max(0.0, (equal - 1 / 256) / (1 - 1 / 256))

@@ -12,7 +12,7 @@ import re
 from typing import ClassVar
 
 from loraforge.config import GateConfig, PiiConfig, RepetitionConfig, TooShortConfig
-from loraforge.gate.pii import find_pii, redact
+from loraforge.gate.pii import find_pii, may_contain_pii, redact
 from loraforge.models.chat import ChatRenderer
 from loraforge.gate.repetition import find_repetition
 from loraforge.gate.verdict import Reason, Reject, Sample
@@ -129,6 +129,8 @@ class PiiCheck(Check):
         self.cfg = cfg
 
     def __call__(self, sample: Sample) -> Reject | None:
+        if not may_contain_pii("\n".join([m["content"] for m in sample.messages]), self.cfg.kinds):
+            return None  # one prefilter pass over all messages: a finding in one is in the joined text
         found = [(i, kind, text) for i, m in enumerate(sample.messages) for kind, text in find_pii(m["content"], self.cfg.kinds)]
         if not found:
             return None

@@ -32,7 +32,12 @@ _ASCII_WORDS = bytes(c if chr(c).isalnum() or c == ord("_") else ord(" ") for c 
 
 def normalized_text(messages: list[dict[str, str]]) -> str:
     """Case, accents of compatibility forms, whitespace and punctuation do not make a sample new."""
-    parts = []
+    return _normalized(messages)[0]
+
+
+def _normalized(messages: list[dict[str, str]]) -> tuple[str, list[str]]:
+    """``normalized_text(messages)`` and its ``split()``, built together (no word holds whitespace)."""
+    parts, all_words = [], []
     for m in messages:
         text = m["content"]
         if text.isascii():  # NFKC and casefold are identities on ASCII beyond lower(): skip the regex too
@@ -40,7 +45,12 @@ def normalized_text(messages: list[dict[str, str]]) -> str:
         else:
             words = _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
         parts.append(m["role"] + ": " + " ".join(words))
-    return "\n".join(parts)
+        all_words.append(m["role"] + ":")
+        all_words += words
+    norm = "\n".join(parts)
+    if any(m["role"].split() != [m["role"]] for m in messages):  # a role with whitespace: split the text
+        all_words = norm.split()
+    return norm, all_words
 
 
 def exact_key(norm: str) -> int:
@@ -93,8 +103,7 @@ def sample_features(sample: Sample) -> tuple[str, list[str], np.ndarray]:
     """Normalized text, its words and their hashes: computed once, shared by every check that needs them."""
     cached = sample.cache.get("features")
     if cached is None:
-        norm = normalized_text(sample.messages)
-        words = norm.split()
+        norm, words = _normalized(sample.messages)
         cached = sample.cache["features"] = (norm, words, word_hashes(words))
     return cached
 
@@ -157,16 +166,21 @@ class KeyIndex:
     """
 
     def __init__(self, capacity: int = 1 << 16):
-        self.keys = np.zeros(capacity, dtype=np.uint64)
-        self.values = np.zeros(capacity, dtype=np.uint32)
+        self._allocate(capacity)
         self.size = 0
 
+    def _allocate(self, capacity: int) -> None:
+        self.keys = np.zeros(capacity, dtype=np.uint64)
+        self.values = np.zeros(capacity, dtype=np.uint32)
+        # memoryviews of the same memory: reading one slot gives a Python int ~4x faster than numpy indexing
+        self._keys, self._values = memoryview(self.keys), memoryview(self.values)
+
     def _slot(self, key: int) -> int:
-        mask = len(self.keys) - 1
+        keys = self._keys
+        mask = len(keys) - 1
         i = (key * 0x9E3779B97F4A7C15 >> 20) & mask
-        keys = self.keys
         while True:
-            k = int(keys[i])
+            k = keys[i]
             if k == 0 or k == key:
                 return i
             i = (i + 1) & mask
@@ -174,21 +188,20 @@ class KeyIndex:
     def get(self, key: int) -> int | None:
         key = key or 1
         i = self._slot(key)
-        return int(self.values[i]) if int(self.keys[i]) == key else None
+        return self._values[i] if self._keys[i] == key else None
 
     def add(self, key: int, value: int) -> None:
         key = key or 1
         if (self.size + 1) * 2 > len(self.keys):
             self._grow()
         i = self._slot(key)
-        if int(self.keys[i]) == 0:
-            self.keys[i], self.values[i] = key, value
+        if self._keys[i] == 0:
+            self._keys[i], self._values[i] = key, value
             self.size += 1
 
     def _grow(self) -> None:
         old_keys, old_values = self.keys, self.values
-        self.keys = np.zeros(len(old_keys) * 2, dtype=np.uint64)
-        self.values = np.zeros(len(old_keys) * 2, dtype=np.uint32)
+        self._allocate(len(old_keys) * 2)
         self.size = 0
         for key, value in zip(old_keys[old_keys != 0].tolist(), old_values[old_keys != 0].tolist()):
             self.add(key, value)
@@ -214,7 +227,8 @@ class DuplicateIndex:
         self.sketches = np.zeros((1024, num_perm), dtype=np.uint8) if near else None
 
     def jaccard(self, ordinal: int, sketch: bytes) -> float:
-        equal = float(np.mean(self.sketches[ordinal] == np.frombuffer(sketch, dtype=np.uint8)))
+        # a count over num_perm: the same float as np.mean of the comparison, ~5x faster
+        equal = np.count_nonzero(self.sketches[ordinal] == np.frombuffer(sketch, dtype=np.uint8)) / len(sketch)
         return max(0.0, (equal - 1 / 256) / (1 - 1 / 256))
 
     def check(self, exact: int | None, near: tuple[list[int], bytes] | None) -> tuple[Reason, int, float] | None:
@@ -250,11 +264,13 @@ class EvalOverlapCheck:
         self.n = n
         keys = [ngram_hashes(word_hashes(normalized_text(m).split()), n) for m in eval_messages]
         self.keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.uint64)
+        # the same keys as a set: ``isdisjoint`` clears most samples ~3x faster than the sorted search
+        self.key_set = frozenset(self.keys.tolist())
 
     def __call__(self, sample: Sample) -> Reject | None:
         _, words, hashes = sample_features(sample)
         grams = ngram_hashes(hashes, self.n)
-        if not len(grams) or not len(self.keys):
+        if not len(grams) or not len(self.keys) or self.key_set.isdisjoint(grams.tolist()):
             return None
         slots = np.minimum(np.searchsorted(self.keys, grams), len(self.keys) - 1)
         hits = np.flatnonzero(self.keys[slots] == grams)

@@ -213,6 +213,7 @@ def run_gate(
     dedup = cfg.checks.dedup
     duplicates = DuplicateIndex(dedup.exact, dedup.near, dedup.near_threshold, dedup.num_perm)
     kept_sources = _KeptSources()
+    tally = _Tally(len(paths))
     timings: Counter[str] = Counter()
     outputs = _Outputs(Path(out_dir))
     progress = _progress(show_progress, sum(p.stat().st_size for p in paths))
@@ -229,7 +230,7 @@ def run_gate(
                 outcomes, chunk_timings = result.get() if pool else result
                 timings.update(chunk_timings)
                 for record, outcome in zip(chunk, outcomes):
-                    _record(report, outputs, duplicates, kept_sources, gate, record, outcome)
+                    _record(report, tally, outputs, duplicates, kept_sources, gate, record, outcome)
                 progress.records(len(chunk))
 
             for chunk in _chunks(paths, cfg.chunk_size, progress.bytes):
@@ -243,6 +244,7 @@ def run_gate(
             pool.terminate()
         _WORKER_GATE = None
         outputs.close()
+    tally.apply(report)
     wall = time.perf_counter() - started
     report.timings = {
         "wall_s": round(wall, 3),
@@ -258,28 +260,37 @@ def run_gate(
     return report
 
 
-def _record(report, outputs, duplicates, kept_sources, gate, record, outcome) -> None:
+def _record(report, tally, outputs, duplicates, kept_sources, gate, record, outcome) -> None:
     source = gate.source(record)
-    stats = report.files[record.file]
-    report.input += 1
-    stats.input += 1
+    tally.input[record.file] += 1
     if isinstance(outcome, Candidate):
         hit = duplicates.check(outcome.exact, outcome.near)
         if hit is None:
             duplicates.add(len(kept_sources), outcome.exact, outcome.near)
             kept_sources.append(record)
             outputs.kept.write(outcome.line + "\n")
-            report.kept += 1
-            stats.kept += 1
+            tally.kept[record.file] += 1
             return
         reason, ordinal, similarity = hit
         file, line = kept_sources[ordinal]
         what = "the same normalized text as" if reason is Reason.EXACT_DUPLICATE else f"~{similarity:.2f} Jaccard similar to"
         outcome = Rejected(reason, f"{what} {gate.paths[file]}:{line}, which is kept")
-    stats.rejected += 1
     report.count(outcome.code.value, source, outcome.detail)
     row = {"reason": outcome.code.value, "detail": outcome.detail, "source": source, **_original(record)}
     outputs.rejected.write(jsonl_line(row) + "\n")
+
+
+class _Tally:
+    """Per-file input and kept counts as plain ints (a pydantic attribute costs microseconds a write),
+    moved into the report once at the end; rejected ones follow as input - kept."""
+
+    def __init__(self, files: int):
+        self.input, self.kept = [0] * files, [0] * files
+
+    def apply(self, report: GateReport) -> None:
+        for stats, n_input, n_kept in zip(report.files, self.input, self.kept):
+            stats.input, stats.kept, stats.rejected = n_input, n_kept, n_input - n_kept
+        report.input, report.kept = sum(self.input), sum(self.kept)
 
 
 class _KeptSources:

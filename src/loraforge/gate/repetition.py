@@ -20,7 +20,9 @@ one pass over the words, where comparing every shift up to the period costs one 
 Most answers cannot fail any rule, and ``find_repetition`` proves that first with exact bounds
 computed in C (``_Screen``): a repeated n-gram needs n consecutive words that each occur twice;
 the most frequent n-gram covers at most n times the characters of the most frequent word; the
-line rule needs ``min_lines`` lines. Only a text no bound clears goes through the full measures,
+line rule needs ``min_lines`` lines. Every occurrence of a repeated n-gram lies on such a run of
+recurring words, so the exact n-gram counts the loop and duplicate rules need come from those
+runs alone (``_Screen.grams``). Only a text no bound clears goes through the full measures,
 so the verdict is always the one the full measures give (``find_repetition_exact``, tested
 equal on real and generated text).
 """
@@ -173,6 +175,37 @@ class _Screen:
         """An upper bound of the characters of words covered by repeated n-grams, for any n."""
         return sum(map(len, compress(self.words, self.repeated)))
 
+    def starts(self, n: int) -> list[int]:
+        """Where the n-grams of only recurring words start: every occurrence of a repeated n-gram is one."""
+        needle, repeated, found = b"\x01" * n, self.repeated, []
+        i = repeated.find(needle)
+        while i >= 0:
+            found.append(i)
+            i = repeated.find(needle, i + 1)
+        return found
+
+    def grams(self, n: int) -> tuple[list[int], list[tuple[str, ...]], Counter]:
+        """The n-grams at ``starts(n)`` and their counts: the exact count of every n-gram that occurs twice."""
+        starts, words = self.starts(n), self.words
+        grams = [tuple(words[i : i + n]) for i in starts]
+        return starts, grams, Counter(grams)
+
+    def repeats(self, n: int) -> bool:
+        """Whether some word n-gram occurs twice."""
+        _, grams, counts = self.grams(n)
+        return len(counts) < len(grams)
+
+    def dup_ngram_char_frac(self, n: int, total_chars: int) -> float:
+        """``dup_ngram_char_frac(words, n, total_chars)``, over the candidate n-grams only."""
+        starts, grams, counts = self.grams(n)
+        if len(counts) == len(grams):
+            return 0.0
+        covered = bytearray(len(self.words))
+        for i, gram in zip(starts, grams):
+            if counts[gram] > 1:
+                covered[i : i + n] = b"\x01" * n
+        return sum(map(len, compress(self.words, covered))) / total_chars
+
 
 def find_repetition(text: str, cfg: RepetitionConfig) -> str | None:
     """Why ``text`` looks degenerate, or None: the verdict of ``find_repetition_exact``, faster."""
@@ -180,7 +213,7 @@ def find_repetition(text: str, cfg: RepetitionConfig) -> str | None:
         return f"the character {run.group(1)!r} repeated {len(run.group(0))} times in a row"
     words = words_of(text)
     screen = _Screen(words)
-    if cfg.loop_repeats is not None and len(words) >= cfg.loop_min_words and screen.may_repeat(8):
+    if cfg.loop_repeats is not None and len(words) >= cfg.loop_min_words and screen.may_repeat(8) and screen.repeats(8):
         # no repeated 8-gram: longest_loop finds nothing (see its first test)
         if why := _loop_rule(words, cfg):
             return why
@@ -197,7 +230,7 @@ def find_repetition(text: str, cfg: RepetitionConfig) -> str | None:
     if dup_limits and any(screen.may_repeat(n) for n, _ in dup_limits):
         bound = screen.repeated_chars() / total
         if any(bound > limit for _, limit in dup_limits):
-            return _dup_ngram_rule(words, dup_limits, total)
+            return _dup_ngram_rule(words, dup_limits, total, screen.dup_ngram_char_frac)
     return None
 
 
@@ -239,9 +272,9 @@ def _top_ngram_rule(words: list[str], n: int, limit: float, total: int) -> str |
     return None
 
 
-def _dup_ngram_rule(words: list[str], dup_limits: list[tuple[int, float]], total: int) -> str | None:
+def _dup_ngram_rule(words: list[str], dup_limits: list[tuple[int, float]], total: int, frac_of=None) -> str | None:
     for n, limit in dup_limits:
-        frac = dup_ngram_char_frac(words, n, total)
+        frac = frac_of(n, total) if frac_of else dup_ngram_char_frac(words, n, total)
         if frac > limit:
             return f"repeated {n}-grams cover {frac:.0%} of the characters (limit {limit:.0%})"
         # longer repeated n-grams cover a subset of the words shorter ones cover: stop early
