@@ -86,3 +86,16 @@ def test_real_answers_turned_into_loops_are_caught(alpaca_file):
     caught = sum(find_repetition(t, CFG) is not None for t in looped)
     print(f"\nrepetition: caught {caught} of {len(looped)} real answers with a sentence looping 3 times at the end")
     assert caught / len(looped) >= 0.98
+
+
+def test_loop_settings_below_the_defaults_are_honoured():
+    """Two repeats over six words: the shortcut that looks for a repeated n-gram first must use
+    the n-gram length these settings imply (3 words), not the defaults' (8)."""
+    from loraforge.gate.repetition import find_repetition_exact, loop_gram
+
+    text = "please stop now please stop now thanks"
+    loose = RepetitionConfig(loop_repeats=2, loop_min_words=6)
+    assert loop_gram(2, 6) == 3 and loop_gram(3, 12) == 8
+    for find in (find_repetition, find_repetition_exact):
+        assert "please stop now" in (find(text, loose) or ""), find
+        assert find(text, CFG) is None  # the defaults want 3 repeats

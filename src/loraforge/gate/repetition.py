@@ -64,11 +64,19 @@ def words_of(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def longest_loop(words: list[str], min_repeats: int, max_period: int) -> Loop | None:
-    """The back-to-back repeated phrase covering the most words (at least ``min_repeats`` times)."""
-    # A loop of 3+ repeats spanning 12+ words has its first span - period >= 8 words again one
-    # period later: some 8-gram occurs twice. Most text has none (checked in C).
-    if len(set(zip(*(words[i:] for i in range(8))))) == max(len(words) - 7, 0):
+def loop_gram(min_repeats: int, min_span: int) -> int:
+    """A loop of R >= ``min_repeats`` repeats of a p-word phrase spanning S >= ``min_span`` words
+    has its first S - p = S (R - 1) / R words again one period later, so some n-gram of this
+    length occurs twice (8 at the defaults, 3 repeats over 12 words): a text without a repeated
+    n-gram of this length holds no such loop."""
+    return max(1, min(8, min_span * (min_repeats - 1) // min_repeats))
+
+
+def longest_loop(words: list[str], min_repeats: int, max_period: int, min_span: int = 1) -> Loop | None:
+    """The back-to-back repeated phrase covering the most words (at least ``min_repeats`` times);
+    loops spanning fewer than ``min_span`` words may be missed (the caller's floor)."""
+    n = loop_gram(min_repeats, min_span)  # no repeated n-gram: no loop that counts (checked in C)
+    if len(set(zip(*(words[i:] for i in range(n))))) == max(len(words) - n + 1, 0):
         return None
     frequent = {w for w, c in Counter(words).items() if c >= min_repeats}
     positions: dict[str, list[int]] = {}
@@ -78,11 +86,14 @@ def longest_loop(words: list[str], min_repeats: int, max_period: int) -> Loop | 
     best: Loop | None = None
     tried: set[tuple[int, int]] = set()
     n = len(words)
+    # a phrase said 3+ times has a word whose next two occurrences are `period` apart; one said
+    # twice (min_repeats 2), a word whose next occurrence is
+    span = 3 if min_repeats >= 3 else 2
     for pos in positions.values():
-        for a, b, c in zip(pos, pos[1:], pos[2:]):
+        for window in zip(*(pos[i:] for i in range(span))):
+            a, b = window[0], window[1]
             period = b - a
-            # a phrase said 3+ times has a word whose next two occurrences are `period` apart
-            if period != c - b or period > max_period or (a, period) in tried:
+            if (span == 3 and period != window[2] - b) or period > max_period or (a, period) in tried:
                 continue
             # grow the match words[i] == words[i + period] around a, in both directions
             start, end = a, a
@@ -213,8 +224,9 @@ def find_repetition(text: str, cfg: RepetitionConfig) -> str | None:
         return f"the character {run.group(1)!r} repeated {len(run.group(0))} times in a row"
     words = words_of(text)
     screen = _Screen(words)
-    if cfg.loop_repeats is not None and len(words) >= cfg.loop_min_words and screen.may_repeat(8) and screen.repeats(8):
-        # no repeated 8-gram: longest_loop finds nothing (see its first test)
+    gram = loop_gram(cfg.loop_repeats or 2, cfg.loop_min_words)
+    if cfg.loop_repeats is not None and len(words) >= cfg.loop_min_words and screen.may_repeat(gram) and screen.repeats(gram):
+        # no repeated n-gram of that length: longest_loop finds nothing (see loop_gram)
         if why := _loop_rule(words, cfg):
             return why
     if len(words) < cfg.min_words:
@@ -253,7 +265,7 @@ def find_repetition_exact(text: str, cfg: RepetitionConfig) -> str | None:
 
 
 def _loop_rule(words: list[str], cfg: RepetitionConfig) -> str | None:
-    loop = longest_loop(words, cfg.loop_repeats, cfg.max_loop_period)
+    loop = longest_loop(words, cfg.loop_repeats, cfg.max_loop_period, cfg.loop_min_words)
     if loop is not None and loop.span >= cfg.loop_min_words:
         return f"loop: {loop.phrase!r} repeated {loop.repeats} times back to back ({loop.span} of {len(words)} words)"
     return None
