@@ -30,11 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+from loraforge.bench.train_smoke import LLAMA3_8B
+
 SHAPES = {
-    "llama3-8b": dict(
-        vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
-    ),
+    "llama3-8b": LLAMA3_8B,
     "llama3-70b": dict(
         vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
         intermediate_size=28672, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
@@ -141,18 +140,20 @@ def worker(args) -> None:
     })
     started = time.perf_counter()
     run = _run_class()(cfg, show_progress=False)
+    from loraforge.train.report import read_metrics, tokens_per_second
+
     findings = run.setup()
     setup_s = time.perf_counter() - started
     result = run.train()
     if run.dist.main:
-        rows = [json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(args.run_dir / "metrics.jsonl")
         timed = rows[max(1, len(rows) // 4):] or rows  # the first quarter warms up (kernels, allocator)
-        tokens, seconds = sum(r["tokens"] for r in timed), sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+        rate = tokens_per_second(timed)
         peaks = rows[-1].get("gpu_memory_allocated_bytes_per_rank") or [rows[-1].get("gpu_memory_allocated_bytes", 0)]
         strategy = [f.message for f in findings if f.check == "strategy"]
         (args.run_dir / "result.json").write_text(json.dumps({
             "processes": run.dist.world, "strategy": run.strategy, "steps": result.steps, "micro_batch_per_gpu": args.micro_batch, "seq": args.seq,
-            "tokens_per_s": round(tokens / seconds, 1), "tokens_per_s_per_gpu": round(tokens / seconds / run.dist.world, 1),
+            "tokens_per_s": round(rate, 1), "tokens_per_s_per_gpu": round(rate / run.dist.world, 1),
             "peak_gpu_memory_gib_per_rank": [round(p / 2**30, 2) for p in peaks], "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
             "tokens_per_s_by_step": [round(r["tokens_per_s"]) for r in rows],
             "setup_s": round(setup_s, 1), "gpu": torch.cuda.get_device_name(), "preflight_strategy": strategy[0] if strategy else None,

@@ -45,6 +45,7 @@ def run_case(model_dir: Path | str, data: Path, out: Path, quantization: str | N
 
     from loraforge.config import load_config
     from loraforge.train.recipe import train
+    from loraforge.train.report import read_metrics, tokens_per_second
 
     torch.cuda.reset_peak_memory_stats()
     shutil.rmtree(out, ignore_errors=True)
@@ -55,13 +56,11 @@ def run_case(model_dir: Path | str, data: Path, out: Path, quantization: str | N
     })
     started = time.perf_counter()
     result = train(cfg, show_progress=False)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "metrics.jsonl")
     timed = rows[1:] or rows  # step 1 includes kernel warm-up
-    tokens = sum(r["tokens"] for r in timed)
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
     return {
         "quantization": quantization or "bf16", "steps": result.steps, "micro_batch": micro_batch, "seq": seq,
-        "tokens_per_s": round(tokens / seconds, 1), "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "tokens_per_s": round(tokens_per_second(timed), 1), "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "wall_s": round(time.perf_counter() - started, 1),
         "accelerations": json.loads((out / "manifest.json").read_text())["accelerations"],
     }

@@ -162,6 +162,7 @@ def run_loraforge(model_dir, samples, quant, args, budget_gib: float | None) -> 
 
     from loraforge.config import load_config
     from loraforge.train.recipe import TrainRun
+    from loraforge.train.report import read_metrics, tokens_per_second
 
     import shutil
 
@@ -193,11 +194,10 @@ def run_loraforge(model_dir, samples, quant, args, budget_gib: float | None) -> 
     run.setup()
     plan = run.memory_plan.describe()
     run.train()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "metrics.jsonl")
     timed = rows[args.warmup :]
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
     return {
-        "tokens_per_s": sum(r["tokens"] for r in timed) / seconds, "timed_steps": len(timed), "last_loss": rows[-1]["loss"],
+        "tokens_per_s": tokens_per_second(timed), "timed_steps": len(timed), "last_loss": rows[-1]["loss"],
         "losses": [r["loss"] for r in rows], "plan": plan, "accelerations": run.accelerations,
         "layout": "flat (varlen)" if run.flat else "padded rows", "fused_loss": run.fused_loss, "packing_efficiency": run.data_stats()["packing_efficiency"],
     }

@@ -20,14 +20,11 @@ import unicodedata
 import numpy as np
 import xxhash
 
+from loraforge.gate.repetition import words_of
 from loraforge.gate.verdict import Reason, Reject, Sample
 
 _WORD = re.compile(r"\w+")
 _MERSENNE = np.uint64((1 << 61) - 1)
-
-
-# ASCII bytes -> the lower-case word character, or a space (see repetition.words_of)
-_ASCII_WORDS = bytes(c if chr(c).isalnum() or c == ord("_") else ord(" ") for c in range(128)).lower() + b" " * 128
 
 
 def normalized_text(messages: list[dict[str, str]]) -> str:
@@ -41,7 +38,7 @@ def _normalized(messages: list[dict[str, str]]) -> tuple[str, list[str]]:
     for m in messages:
         text = m["content"]
         if text.isascii():  # NFKC and casefold are identities on ASCII beyond lower(): skip the regex too
-            words = text.encode("ascii").translate(_ASCII_WORDS).decode("ascii").split()
+            words = words_of(text)  # NFKC and casefold leave ASCII as lower()
         else:
             words = _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
         parts.append(m["role"] + ": " + " ".join(words))

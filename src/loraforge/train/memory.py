@@ -86,13 +86,13 @@ def plan(fixed: dict[str, int], per_token: LayerBytes, layers: int, tokens: int,
         choices = [layers]
     else:
         choices = list(range(layers + 1))  # fewest recomputed layers first
-    for k in choices:
-        off = bool(offload) and k > 0
-        if sum(estimate(k, off).values()) <= budget or k == choices[-1]:
-            if offload is None and k > 0 and sum(estimate(k, False).values()) > budget:
-                off = True  # even recomputing this much does not fit: offload the inputs
-            return MemoryPlan(layers, k, off, budget, estimate(k, off))
-    raise AssertionError("unreachable")
+    def fits(k: int, off: bool) -> bool:
+        return sum(estimate(k, off).values()) <= budget
+
+    k = next((k for k in choices if fits(k, bool(offload) and k > 0)), choices[-1])
+    # offload when asked to, or (left to the plan) when even recomputing this much does not fit
+    off = k > 0 and (bool(offload) or (offload is None and not fits(k, False)))
+    return MemoryPlan(layers, k, off, budget, estimate(k, off))
 
 
 # ---- applying the plan -----------------------------------------------------------------------

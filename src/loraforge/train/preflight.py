@@ -104,10 +104,11 @@ def estimate_memory(
 ) -> dict[str, int]:
     """Bytes of weights, LoRA + gradients + AdamW state, activations and logits for one micro-batch
     (``fused_loss``: one chunk of logits at a time; ``flat``: padding-free, no attention mask)."""
+    from loraforge.train.memory import layer_bytes
+
     c = model.config
-    h, inter, layers, vocab = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size), c.num_hidden_layers, c.vocab_size
-    kv = h * getattr(c, "num_key_value_heads", c.num_attention_heads) // c.num_attention_heads
-    width = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    width = dtype.itemsize
     weights = weight_bytes(model, cfg, width)
     per_layer_lora = 0
     targets = None if cfg.lora.target_modules == "all-linear" else set(cfg.lora.target_modules)
@@ -116,8 +117,8 @@ def estimate_memory(
             per_layer_lora += cfg.lora.r * (m.in_features + m.out_features)
     lora_state = per_layer_lora * 4 * 4  # fp32 weights, gradients, AdamW m and v
     tokens = micro_batch * seq_len
-    per_token_layer = (8 * h + 2 * kv + 4 * inter) * width  # q/k/v/o and MLP inputs/outputs kept for backward
-    activations = tokens * (layers * 2 * h * width + per_token_layer) if checkpointing else tokens * layers * per_token_layer
+    per_token = layer_bytes(c, width)  # the planner's numbers: all layers kept, or inputs + one recomputed
+    activations = tokens * (layers * per_token.checkpointed + per_token.full) if checkpointing else tokens * layers * per_token.full
     if fused_loss:
         from loraforge.train.loss import chunk_size
 
@@ -143,7 +144,7 @@ def plan_memory(model, cfg: TrainConfig, dtype, device, seq_len: int, fused_loss
     parts = estimate_memory(model, cfg, dtype, seq_len, cfg.micro_batch_size, False, fused_loss, flat)
     fixed = {k: v for k, v in parts.items() if k != "activations"}
     budget = int(cfg.memory_budget_gib * GiB) if cfg.memory_budget_gib else int(0.9 * available_memory(device))
-    width = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    width = dtype.itemsize
     offload = cfg.offload_activations if device.type == "cuda" else False  # pinned memory and copies need CUDA
     return memory.plan(fixed, memory.layer_bytes(model.config, width), model.config.num_hidden_layers, cfg.micro_batch_size * seq_len, budget, cfg.gradient_checkpointing, offload)
 
@@ -180,11 +181,14 @@ def fsdp_memory(model, cfg: TrainConfig, dtype, parts: dict[str, int], world: in
     return parts | {"weights": int(parts["weights"] / world + 2 * layer), "lora_and_optimizer": int(parts["lora_and_optimizer"] / world)}
 
 
-def plan_strategy(model, cfg: TrainConfig, dtype, device, seq_len: int, checkpointing: bool, world: int, local_world: int) -> tuple[Finding, Finding, str, dict]:
-    """DDP or FSDP for ``world`` processes, from the memory estimate: (strategy finding, memory
-    finding, strategy, per-GPU estimate). DDP when the whole model fits on each GPU (only LoRA
-    gradients travel), else FSDP; ``train.distributed`` forces one."""
-    ddp = estimate_memory(model, cfg, dtype, seq_len, cfg.micro_batch_size, checkpointing)
+def plan_strategy(
+    model, cfg: TrainConfig, dtype, device, seq_len: int, checkpointing: bool, world: int, local_world: int, parts: dict[str, int] | None = None
+) -> tuple[Finding, Finding, str, dict]:
+    """DDP or FSDP for ``world`` processes, from the memory estimate (``parts``: the memory plan's,
+    else estimated here): (strategy finding, memory finding, strategy, per-GPU estimate). DDP when
+    the whole model fits on each GPU (only LoRA gradients travel), else FSDP;
+    ``train.distributed`` forces one."""
+    ddp = parts or estimate_memory(model, cfg, dtype, seq_len, cfg.micro_batch_size, checkpointing)
     fsdp = fsdp_memory(model, cfg, dtype, ddp, world)
     have = available_memory(device) // (1 if device.type == "cuda" else local_world)  # CPU processes share the RAM
     budget = 0.9 * have

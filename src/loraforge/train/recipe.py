@@ -216,7 +216,7 @@ class TrainRun:
             findings.append(pf.Finding("block", "attention", f"train.attention: varlen, but torch {torch.__version__} has no flash varlen kernel", "train.attention: auto (or sdpa), or torch >= 2.10"))
         if self.dist.enabled:
             strategy, memory_finding, self.strategy, self.memory_estimate = pf.plan_strategy(
-                meta, cfg, self.dtype, self.device, seq, self.checkpointing, self.dist.world, self.dist.local_world
+                meta, cfg, self.dtype, self.device, seq, self.checkpointing, self.dist.world, self.dist.local_world, parts=self.memory_plan.estimate
             )
             findings.append(strategy)
         else:
@@ -269,11 +269,17 @@ class TrainRun:
         """Row indices of every micro-batch of optimizer step ``step`` (0-based), all ranks
         together: a pure function of (seed, epoch, step), whatever the number of processes."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = list(range(len(self.train_rows)))
-        random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
-        chunk = order[within * self.global_batch : (within + 1) * self.global_batch]
+        chunk = self._epoch_order(epoch)[within * self.global_batch : (within + 1) * self.global_batch]
         mb = self.cfg.micro_batch_size
         return [chunk[i : i + mb] for i in range(0, len(chunk), mb)]
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The rows of ``epoch`` in order, shuffled once per epoch (not once per step)."""
+        if getattr(self, "_order_epoch", None) != epoch:
+            order = list(range(len(self.train_rows)))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+            self._order_epoch, self._order = epoch, order
+        return self._order
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's micro-batches of step ``step`` (``[]``: a padding pass)."""

@@ -93,6 +93,11 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def tokens_per_second(rows: list[dict]) -> float:
+    """The rate over these metrics rows: their tokens over the wall time of their steps."""
+    return sum(r["tokens"] for r in rows) / sum(r["tokens"] / r["tokens_per_s"] for r in rows)
+
+
 def draw_loss(ax, rows: list[dict]) -> None:
     """Train loss per step and eval loss where measured, on one matplotlib axis."""
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
