@@ -32,7 +32,6 @@ def make_requests(n: int, models: list[str], seed: int = 0, max_tokens: tuple[in
 def make_random_adapters(model_dir: Path, out: Path, count: int, r: int = 16) -> dict[str, Path]:
     """``count`` LoRA adapters with random (non-zero) weights: serving cost does not depend on their values."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)

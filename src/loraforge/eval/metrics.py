@@ -28,6 +28,11 @@ TEXT_METRICS = ("exact_match", "rouge_l")
 PRIMARY = {"json": "field_accuracy", "text": "rouge_l"}  # what --require-better-than-base compares
 LOSS_METRICS = ("loss", "perplexity")
 
+
+def improved(metric: str, base: float, adapter: float) -> bool:
+    """Whether the adapter's value is better than the base's (lower for losses, higher otherwise)."""
+    return adapter < base if metric in LOSS_METRICS else adapter > base
+
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
 
 

@@ -6,13 +6,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from loraforge.eval import EvalResult
-from loraforge.eval.metrics import LOSS_METRICS
+from loraforge.eval.metrics import improved
 
 
 
 def _delta(metric: str, base: float, adapter: float) -> str:
     delta = adapter - base
-    better = delta < 0 if metric in LOSS_METRICS else delta > 0
+    better = improved(metric, base, adapter)
     color = "green" if better else ("red" if delta != 0 else "dim")
     return f"[{color}]{delta:+.4g}[/]"
 

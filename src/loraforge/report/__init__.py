@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from loraforge.errors import InputError
-from loraforge.eval.metrics import LOSS_METRICS
+from loraforge.eval.metrics import improved
 from loraforge.train.report import draw_loss, read_metrics
 
 __all__ = ["collect", "write_report"]
@@ -45,9 +45,8 @@ def _read_json(path: Path) -> dict | None:
         raise InputError(f"{path}: line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})") from exc
 
 
-def _gate_report_path(run_dir: Path, manifest: dict | None, gate: Path | None) -> Path | None:
+def _gate_report_path(manifest: dict | None, gate: Path | None) -> Path | None:
     if gate is not None:
-        gate = Path(gate)
         return gate / "report.json" if gate.is_dir() else gate
     data_file = ((manifest or {}).get("data") or {}).get("file")
     if data_file:
@@ -63,7 +62,7 @@ def collect(run_dir: Path | str, gate: Path | str | None = None) -> dict:
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such run directory (expected the --out of `loraforge train`)")
     manifest = _read_json(run_dir / "manifest.json")
-    gate_path = _gate_report_path(run_dir, manifest, Path(gate) if gate else None)
+    gate_path = _gate_report_path(manifest, Path(gate) if gate else None)
     return {
         "run_dir": str(run_dir),
         "manifest": manifest,
@@ -172,13 +171,13 @@ def eval_table(evaluation: dict | None) -> list[dict]:
         b, a = base.get(name), adapter[name]
         if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
             continue
-        better = (a < b) if name in LOSS_METRICS else (a > b)
+        better = improved(name, b, a)
         rows.append({"metric": name, "base": b, "adapter": a, "delta": a - b, "better": better, "worse": a != b and not better})
     return rows
 
 
-def summary(data: dict) -> list[tuple[str, str]]:
-    """The few lines a reader wants first, as (label, value)."""
+def summary(data: dict, latency_rows: list[dict]) -> list[tuple[str, str]]:
+    """The few lines a reader wants first, as (label, value); ``latency_rows`` from ``latency_table``."""
     lines = []
     manifest, gate, evaluation = data["manifest"] or {}, data["gate"], data["eval"]
     if manifest:
@@ -194,7 +193,7 @@ def summary(data: dict) -> list[tuple[str, str]]:
         promotion = evaluation.get("promotion") or {}
         verdict = "passed" if promotion.get("passed") else ("failed" if promotion else "not checked")
         lines.append(("promotion gate", verdict))
-    for row in latency_table(data["serving"]):
+    for row in latency_rows:
         lines.append((f"latency {row['route']}", f"p50 {row['p50']:.0f} ms, p99 {row['p99']:.0f} ms ({row['requests']} requests)"))
     return lines
 
@@ -227,16 +226,17 @@ def _num(value) -> str:
 
 def render(data: dict) -> str:
     gate = data["gate"]
+    latency_rows = latency_table(data["serving"])
     return _template().render(
         data=data,
         title=f"loraforge run report: {Path(data['run_dir']).name}",
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        summary=summary(data),
+        summary=summary(data, latency_rows),
         loss_png=loss_plot(data["metrics"]),
         rejection_png=rejection_plot(gate),
         latency_png=latency_plot(data["serving"]),
         eval_rows=eval_table(data["eval"]),
-        latency_rows=latency_table(data["serving"]),
+        latency_rows=latency_rows,
         gate_reasons=sorted((gate or {}).get("reasons", {}).items(), key=lambda item: -item[1]),
     )
 

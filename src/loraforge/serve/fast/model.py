@@ -256,12 +256,13 @@ class FusedLlama:
         mask = grouped_mask(self._keys[None, None, :L] <= query_pos[:, :, None], self.num_heads // self.kv_heads, self.dtype)
         cos, sin = self.cos[pos_t], self.sin[pos_t]
         lora_step = self.lora.step_inputs(adapters_t)
+        # one padded query buffer for all layers: each writes the same positions, the rest stay 0
+        padded = torch.zeros((len(pieces), longest, self.num_heads, self.head_dim), dtype=self.dtype, device=dev)
 
         def attend(i, q, k, v):
             kc, vc = self.cache[i, 0], self.cache[i, 1]
             kc[slot_t, :, pos_t] = k
             vc[slot_t, :, pos_t] = v
-            padded = q.new_zeros((len(pieces), longest, self.num_heads, self.head_dim))
             padded[piece_t, index_t] = q
             out = grouped_attention(padded, kc[slots_t, :, :L], vc[slots_t, :, :L], mask)
             return out[piece_t, index_t]
