@@ -378,8 +378,8 @@ def bench_serve_cmd(
 @bench_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_train_cmd(
     ctx: typer.Context,
-    arch: Annotated[str, typer.Option(help="llama3-8b (random bf16 weights, GPU) or smollm2 (the embedded default's shape; runs on CPU).")] = "llama3-8b",
-    engines: Annotated[str, typer.Option(help="Comma list of hf-peft, loraforge, loraforge-lean, unsloth.")] = "hf-peft,loraforge,loraforge-lean,unsloth",
+    arch: Annotated[str, typer.Option(help="llama3-8b (random bf16 weights, GPU), smollm2 (the embedded default's shape; runs on CPU) or smollm2-real (its real weights: the numerics check).")] = "llama3-8b",
+    engines: Annotated[str, typer.Option(help="Comma list of hf-peft, loraforge, loraforge-lean, loraforge-plain (every lever off), unsloth, unsloth-packed.")] = "hf-peft,loraforge,loraforge-lean,unsloth",
     cases: Annotated[str, typer.Option(help="dense (2 x 4096 random tokens) and/or alpaca (the shared file, real lengths).")] = "dense,alpaca",
     quants: Annotated[str, typer.Option(help="bf16 and/or nf4 (QLoRA, CUDA only).")] = "bf16,nf4",
     steps: Annotated[int, typer.Option(help="Timed optimizer steps per engine (after --warmup).")] = 8,
@@ -388,7 +388,7 @@ def bench_train_cmd(
     """Training tokens/s, peak memory and epoch time: hf-peft, loraforge and Unsloth side by side.
 
     Each engine runs in its own process on the same model folder and data. More options
-    (--warmup, --samples, --max-seq-length, --lean-budget, --alpaca, --loraforge-set K=V):
+    (--warmup, --samples, --max-seq-length, --lean-budget GiB|match, --profile, --alpaca, --loraforge-set K=V):
     `python -m loraforge.bench.train_speed --help`.
 
     Example: [bold]loraforge bench train --arch smollm2 --engines hf-peft,loraforge --cases alpaca --quants bf16 --steps 3[/bold]

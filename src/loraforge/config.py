@@ -200,8 +200,9 @@ class TrainConfig(_Section):
     fused_lora: bool | None = None
     # LoRA weights, their gradients and AdamW state: fp32 (PEFT's default: exact small updates, and
     # PEFT casts each LoRA input to fp32) or the base model's dtype (bf16 on GPU: half the memory
-    # and traffic of the adapter path, updates rounded to bf16).
-    adapter_dtype: Literal["fp32", "model"] = "fp32"
+    # and traffic of the adapter path, updates rounded to bf16). null: fp32, unless the memory
+    # budget holds the run only with the model's dtype (the plan says so).
+    adapter_dtype: Literal["fp32", "model"] | None = None
     # Liger kernels and the like, when installed (GPU only). False switches them off.
     accelerations: bool = True
     checkpoint_every: int = Field(default=50, ge=1)

@@ -89,6 +89,38 @@ def test_varlen_attention_keeps_samples_apart():
         model(input_ids=ids, position_ids=positions)
 
 
+def _attention_inputs(lengths, heads=4, kv_heads=2, dim=8, device="cpu", dtype=torch.float32):
+    """transformers' layout: q (1, H, T, D), k/v (1, H_kv, T, D); and the samples' bounds."""
+    total = sum(lengths)
+    q, k, v = (torch.randn(1, h, total, dim, device=device, dtype=dtype, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, cu
+
+
+def test_equal_length_samples_take_whole_rows_with_the_same_result():
+    """Samples of one length are attended as whole rows (one batched SDPA call); the output and
+    gradients are those of attending each sample on its own, and samples stay apart."""
+    torch.manual_seed(0)
+    q, k, v, cu = _attention_inputs([5, 5, 5])
+    out, _ = attention.varlen_attention(None, q, k, v, None, **attention.flat_kwargs(cu, 5))
+    flat = [t[0].transpose(0, 1) for t in (q, k, v)]
+    reference = attention._sdpa_per_sample(*flat, cu, None)
+    assert out.shape == (1, 15, 4, 8)
+    torch.testing.assert_close(out[0], reference)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = torch.autograd.grad(reference.sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    # a later sample's tokens never reach an earlier one (and the other way round)
+    q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
+    k2[:, :, 5:10] += 1.0
+    v2[:, :, 5:10] -= 1.0
+    changed, _ = attention.varlen_attention(None, q2, k2, v2, None, **attention.flat_kwargs(cu, 5))
+    torch.testing.assert_close(changed[0, :5], out[0, :5].detach())
+    torch.testing.assert_close(changed[0, 10:], out[0, 10:].detach())
+    assert not torch.allclose(changed[0, 5:10], out[0, 5:10].detach())
+
+
 @pytest.mark.parametrize("weight_grad", [False, True])
 def test_chunked_fused_loss_equals_full_logits(weight_grad):
     torch.manual_seed(0)
@@ -184,6 +216,35 @@ def test_planner_spends_the_budget_on_keeping_activations():
     assert memory.plan(FIXED, PER_TOKEN, layers, tokens, 100 * GB, checkpointing=True, offload=True).offload
 
 
+def test_planner_takes_model_dtype_adapters_only_when_fp32_ones_do_not_fit():
+    """train.adapter_dtype null: fp32 adapters whenever the plan fits with them; the model's dtype
+    (bf16: 8 bytes a LoRA parameter instead of 16) when the budget holds the run only that way."""
+    from loraforge.config import TrainConfig
+    from loraforge.models import build_tiny_llama
+    from loraforge.train import preflight as pf
+
+    model, _ = build_tiny_llama(seed=1)
+    cfg = TrainConfig(micro_batch_size=1)
+    cpu = torch.device("cpu")
+
+    def plan(budget_bytes, **update):
+        c = cfg.model_copy(update={"memory_budget_gib": budget_bytes / GB, **update})
+        return pf.plan_memory(model, c, torch.bfloat16, cpu, 64, True, True)
+
+    roomy = plan(10 * GB)
+    assert roomy.adapter_dtype == "fp32" and roomy.checkpointed == 0
+    fp32 = pf.estimate_memory(model, cfg.model_copy(update={"adapter_dtype": "fp32"}), torch.bfloat16, 64, 1, False, True, True)
+    bf16 = pf.estimate_memory(model, cfg.model_copy(update={"adapter_dtype": "model"}), torch.bfloat16, 64, 1, False, True, True)
+    assert bf16["lora_and_optimizer"] * 2 == fp32["lora_and_optimizer"]
+    tightest_fp32 = plan(1, adapter_dtype="fp32")  # every layer recomputed (no offloading on CPU): its floor
+    assert tightest_fp32.checkpointed == model.config.num_hidden_layers
+    between = tightest_fp32.total - fp32["lora_and_optimizer"] // 4  # under fp32's floor, over bf16's
+    chosen = plan(between)
+    assert chosen.adapter_dtype == "model" and chosen.total <= between
+    assert "model's dtype" in chosen.describe()
+    assert plan(between, adapter_dtype="fp32").adapter_dtype == "fp32"  # an explicit setting stays
+
+
 def test_planner_on_the_8b_shape():
     """Llama-3-8B, 8,192 tokens a micro-batch, bf16: the H200's 139 GiB keeps every activation;
     an 18 GiB budget recomputes every layer (and offloads); 40 GiB sits between."""
@@ -230,6 +291,43 @@ def test_offloaded_checkpoint_gives_the_gradients_of_no_checkpoint(samples):
         torch.testing.assert_close(grads[1][1][name], grads[0][1][name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_lean_recompute_skips_the_down_projection_and_keeps_the_gradients(samples, offload, monkeypatch):
+    """Fused LoRA layers, every decoder layer recomputed: in the recomputation the MLP's down
+    projection leaves its base matmul out (its value feeds only the residual add), and the loss
+    and every LoRA gradient equal those of the run without checkpointing."""
+    from loraforge.models import build_tiny_llama
+    from loraforge.train import fused_lora
+
+    batch = collate([samples[:3], samples[3:6]], 0)
+    unused_calls = []
+    plain_forward = fused_lora.LoraLinearFunction.forward
+
+    def counting_forward(ctx, x, A, B, scale, base, value_unused=False):
+        unused_calls.append(value_unused)
+        return plain_forward(ctx, x, A, B, scale, base, value_unused)
+
+    monkeypatch.setattr(fused_lora.LoraLinearFunction, "forward", staticmethod(counting_forward))
+    results = []
+    for checkpointed in (False, True):
+        model, _ = build_tiny_llama(seed=6)
+        model = _lora(model)
+        assert fused_lora.apply(model)[0] == 14
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+            memory.apply(model, memory.MemoryPlan(layers=2, checkpointed=2, offload=offload, budget=0, estimate={}))
+        unused_calls.clear()
+        results.append(_loss_and_grads(model, batch))
+    # 14 layers forward, 14 again in the recomputation, of which the 2 down projections skip
+    assert len(unused_calls) == 28 and sum(unused_calls) == 2
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert results[1][1].keys() == results[0][1].keys()
+    for name in results[0][1]:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-5, atol=1e-7)
+    assert not memory.recomputing()
+
+
 # ---- whole runs -------------------------------------------------------------------------------
 
 LEVERS_OFF = {"train.attention": "sdpa", "train.fused_loss": False, "train.fused_lora": False, "train.gradient_checkpointing": False}
@@ -263,16 +361,22 @@ def test_run_with_every_lever_equals_the_plain_run(tiny_model_dir, demo_kept, tm
 def test_bench_train_runs_engines_side_by_side_on_cpu(tmp_path):
     """`loraforge bench train` on the embedded default's shape: each engine in its own process,
     results.json with tokens/s and losses; a failing engine (Unsloth: not installed here) is
-    reported as failed, not fatal."""
+    reported as failed, not fatal. The numerics check: every engine sees the same rows in the
+    same order (equal first losses), and loraforge with every lever forced on follows the
+    lever-free reference step by step."""
     from loraforge.bench.train_speed import main
 
+    levers = ["train.fused_lora=true", "train.fused_loss=true", "train.attention=varlen", "train.gradient_checkpointing=true"]
     results = main([
-        "--arch", "smollm2", "--engines", "hf-peft,loraforge,unsloth", "--cases", "dense", "--quants", "bf16",
+        "--arch", "smollm2", "--engines", "hf-peft,loraforge-plain,loraforge,unsloth", "--cases", "dense", "--quants", "bf16",
         "--steps", "1", "--warmup", "1", "--max-seq-length", "64", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+        *[x for kv in levers for x in ("--loraforge-set", kv)],
     ])
     by_engine = {r["engine"]: r for r in results}
-    for engine in ("hf-peft", "loraforge"):
+    for engine in ("hf-peft", "loraforge-plain", "loraforge"):
         assert by_engine[engine]["tokens_per_s"] > 0 and by_engine[engine]["timed_steps"] == 1, by_engine[engine]
-    assert by_engine["loraforge"]["last_loss"] == pytest.approx(by_engine["hf-peft"]["last_loss"], rel=0.05)  # same base, same kind of data
+    assert "fused LoRA" in " ".join(by_engine["loraforge"]["accelerations"]) and by_engine["loraforge-plain"]["accelerations"] == []
+    assert by_engine["loraforge"]["losses"] == pytest.approx(by_engine["loraforge-plain"]["losses"], rel=1e-5)
+    assert by_engine["hf-peft"]["losses"][0] == pytest.approx(by_engine["loraforge"]["losses"][0], rel=1e-5)
     assert "error" in by_engine["unsloth"]
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results

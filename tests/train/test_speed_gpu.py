@@ -1,7 +1,7 @@
 """The training speed levers' GPU kernels against the plain path (CUDA only; skipped elsewhere).
 
 Run on the H200 by scripts/gpu_train_speed.sh: torch's flash varlen attention vs SDPA per
-sample (GQA, bf16, forward and backward), Liger's fused loss vs full logits, the offloaded
+sample (GQA, bf16, forward and backward), equal-length rows through SDPA vs flash varlen, Liger's fused loss vs full logits, the offloaded
 checkpoint vs no checkpoint, and a whole run with every lever on vs every lever off.
 """
 
@@ -38,6 +38,24 @@ def test_flash_varlen_equals_sdpa_per_sample_with_gqa():
     for flash, reference in zip(*results):  # bf16: compare errors relative to the tensor's scale
         assert (flash - reference).abs().max() <= 0.05 * reference.abs().max()
         assert (flash - reference).norm() <= 0.01 * reference.norm()
+
+
+def test_equal_length_rows_on_gpu_equal_flash_varlen():
+    """The whole-rows path (SDPA, cuDNN first) against the flash varlen kernel, 8B head shape."""
+    torch.manual_seed(0)
+    lengths = [1024, 1024, 1024]
+    total = sum(lengths)
+    cu = torch.tensor([0, 1024, 2048, 3072], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(1, h, total, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (32, 8, 8))
+    grad = torch.randn(1, total, 32, 128, device="cuda", dtype=torch.bfloat16)
+    rows, _ = attention.varlen_attention(None, q, k, v, None, **attention.flat_kwargs(cu, 1024))
+    got = [rows.detach().float(), *(g.float() for g in torch.autograd.grad(rows, (q, k, v), grad))]
+    flat = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]
+    flash = attention._flash_varlen(*flat, cu, 1024, None).unsqueeze(0)
+    want = [flash.detach().float(), *(g.float() for g in torch.autograd.grad(flash, (q, k, v), grad))]
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 0.05 * b.abs().max()
+        assert (a - b).norm() <= 0.01 * b.norm()
 
 
 def test_fused_loss_on_gpu_equals_full_logits():

@@ -9,6 +9,7 @@ never touch the others), on the same GPU, model folder and data:
   loraforge       ``loraforge train``'s recipe with its defaults (the planner spends the GPU's
                   memory: the speed mode on a large GPU)
   loraforge-lean  the same under train.memory_budget_gib (default 18: Unsloth's footprint)
+  loraforge-plain the same recipe with every speed lever off: the numerics reference
   unsloth         FastLanguageModel + get_peft_model(use_gradient_checkpointing="unsloth"),
                   its own fused loss, a plain AdamW loop over the same micro-batches
   unsloth-packed  the same fed loraforge's packed rows as one flat row with restarting
@@ -20,7 +21,9 @@ resampled to --samples, max 4096 tokens; loraforge packs it, hf-peft and unsloth
 their defaults do). Reported: effective tokens/s (non-padding tokens over the timed steps'
 wall time, after warm-up steps), peak GPU memory, on alpaca the epoch time those tokens/s give for the
 whole resampled data, and the loss of the last step (same base weights and data order: the
-numerics check). A CPU run on the SmolLM2 architecture exercises the same code.
+numerics check; ``--arch smollm2-real``: on the embedded default's real weights). Every
+engine: AdamW lr 2e-4 constant, no weight decay, no gradient clipping. A CPU run on the SmolLM2
+architecture exercises the same code.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ import sys
 import time
 from pathlib import Path
 
-ENGINES = ("hf-peft", "loraforge", "loraforge-lean", "unsloth", "unsloth-packed")
+ENGINES = ("hf-peft", "loraforge", "loraforge-lean", "loraforge-plain", "unsloth", "unsloth-packed")
+# loraforge-plain: the same recipe with every speed lever off (the numerics reference: same LoRA
+# initialization and data order as loraforge, so their losses should agree step by step)
+PLAIN = {"train.attention": "sdpa", "train.fused_loss": False, "train.fused_lora": False, "train.gradient_checkpointing": False, "train.accelerations": False}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -140,7 +146,7 @@ def run_hf_peft(model_dir, samples, quant, args) -> dict:
     training = TrainingArguments(
         output_dir=str(args.work / f"hf-trainer-{os.getpid()}"), per_device_train_batch_size=args.micro_batch, max_steps=len(batches),
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=torch.cuda.is_available(),
-        learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], seed=0,
+        learning_rate=2e-4, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], seed=0,
         dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
     )
     flat = [s for b in batches for s in b]
@@ -156,7 +162,7 @@ def run_hf_peft(model_dir, samples, quant, args) -> dict:
     return {"tokens_per_s": tokens / seconds, "timed_steps": len(timed), "last_loss": losses[-1] if losses else None, "losses": losses}
 
 
-def run_loraforge(model_dir, samples, quant, args, budget_gib: float | None) -> dict:
+def run_loraforge(model_dir, samples, quant, args, budget_gib: float | None, plain: bool = False) -> dict:
     """``loraforge train``'s recipe on these samples (its data step replaced by them)."""
     import torch
 
@@ -166,6 +172,8 @@ def run_loraforge(model_dir, samples, quant, args, budget_gib: float | None) -> 
 
     import shutil
 
+    if args.profile and not torch.cuda.is_available():
+        raise SystemExit("--profile reads the GPU's kernel times: it needs CUDA")
     out = args.work / f"run-{args.engine}-{args.case}-{args.quant}-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     steps = args.warmup + args.steps
@@ -173,22 +181,34 @@ def run_loraforge(model_dir, samples, quant, args, budget_gib: float | None) -> 
         "model.name": str(model_dir), "train.out": str(out), "train.max_steps": steps, "train.micro_batch_size": args.micro_batch,
         "train.max_seq_length": args.max_seq_length, "train.eval_fraction": 0.0, "train.quantization": "nf4" if quant else None,
         "train.lora.r": 32, "train.lora.alpha": 64, "train.checkpoint_every": 100000, "train.lr": 2e-4, "train.warmup_ratio": 0.0,
-        "train.scheduler": "constant", "train.max_grad_norm": None,
+        "train.scheduler": "constant", "train.max_grad_norm": None, "train.weight_decay": 0.0,
     }
     if budget_gib:
         overrides["train.memory_budget_gib"] = budget_gib
     overrides.update(dict(kv.split("=", 1) for kv in args.loraforge_set))
+    if plain:
+        overrides.update(PLAIN)
 
     class BenchRun(TrainRun):
         def _setup_data(self):
             self.data_file, self.truncated = args.work / "bench-data", 0
             self.use_samples(samples, [])
 
+        def _epoch_order(self, epoch: int) -> list[int]:
+            return list(range(len(self.train_rows)))  # rows in the data's order, as the other engines see it
+
         def save_checkpoint(self, keep: int = 2):
             return None  # not part of the measurement
 
         def save_adapter(self, status: str) -> None:
             return None
+
+        def _train_step(self):
+            if not (args.profile and self.step == args.warmup - 1):
+                return super()._train_step()
+            # the last warm-up step (not timed): where the GPU's time goes
+            with profiled(args.out / f"profile-{args.engine}-{args.case}-{args.quant}.txt"):
+                return super()._train_step()
 
     run = BenchRun(load_config(overrides=overrides), show_progress=False)
     run.setup()
@@ -198,9 +218,63 @@ def run_loraforge(model_dir, samples, quant, args, budget_gib: float | None) -> 
     timed = rows[args.warmup :]
     return {
         "tokens_per_s": tokens_per_second(timed), "timed_steps": len(timed), "last_loss": rows[-1]["loss"],
-        "losses": [r["loss"] for r in rows], "plan": plan, "accelerations": run.accelerations,
+        "losses": [r["loss"] for r in rows], "step_tokens_per_s": [round(r["tokens_per_s"]) for r in rows], "plan": plan, "accelerations": run.accelerations,
         "layout": "flat (varlen)" if run.flat else "padded rows", "fused_loss": run.fused_loss, "packing_efficiency": run.data_stats()["packing_efficiency"],
     }
+
+
+# kernel name fragments -> what they are (the first that matches names the kernel's category)
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")),
+    ("copy / cast", ("copy", "memcpy", "memset", "cast", "convert", "cat", "fill")),
+    ("triton (liger, loss)", ("triton", "_kernel")),
+    ("elementwise / reduce", ("elementwise", "reduce", "vectorized", "unrolled", "foreach")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+class profiled:
+    """Profile the block on the GPU; write the kernel time by kind and the top kernels to ``path``,
+    and the timeline next to it (``.trace.json.gz``, for chrome://tracing or Perfetto)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self.prof.__enter__()
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(*exc)
+        kernels = [e for e in self.prof.key_averages() if e.device_type.name == "CUDA"]
+        time_of = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)  # noqa: E731
+        total = sum(time_of(e) for e in kernels) or 1
+        kinds: dict[str, float] = {}
+        for e in kernels:
+            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0) + time_of(e)
+        lines = [f"profiled step: wall {wall * 1e3:.1f} ms, GPU kernels {total / 1e3:.1f} ms"]
+        lines += [f"  {kind:24} {us / 1e3:9.1f} ms  {100 * us / total:5.1f}%" for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1])]
+        lines.append("top kernels:")
+        for e in sorted(kernels, key=time_of, reverse=True)[:40]:
+            lines.append(f"  {time_of(e) / 1e3:9.2f} ms {e.count:6d}x  {kernel_kind(e.key):22} {e.key[:150]}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n".join(lines) + "\n")
+        self.prof.export_chrome_trace(str(self.path.with_suffix(".trace.json.gz")))  # the timeline: gaps, streams
+        return False
 
 
 def packed_flat_batches(samples, micro_batch: int, max_len: int):
@@ -218,7 +292,7 @@ def run_unsloth(model_dir, samples, quant, args, packed: bool = False) -> dict:
     model, _ = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=args.max_seq_length, dtype=torch.bfloat16, load_in_4bit=quant, local_files_only=True)
     model = FastLanguageModel.get_peft_model(model, r=32, lora_alpha=64, lora_dropout=0, bias="none", target_modules=TARGETS, use_gradient_checkpointing="unsloth", random_state=0)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0, fused=True)
     pad_id = model.config.pad_token_id or 0
 
     def step(batch):
@@ -253,7 +327,9 @@ def run_one(args) -> dict:
     elif args.engine == "loraforge":
         result = run_loraforge(args.model_dir, samples, quant, args, None)
     elif args.engine == "loraforge-lean":
-        result = run_loraforge(args.model_dir, samples, quant, args, args.lean_budget)
+        result = run_loraforge(args.model_dir, samples, quant, args, float(args.lean_budget))
+    elif args.engine == "loraforge-plain":
+        result = run_loraforge(args.model_dir, samples, quant, args, None, plain=True)
     elif args.engine == "unsloth":
         result = run_unsloth(args.model_dir, samples, quant, args)
     elif args.engine == "unsloth-packed":
@@ -286,6 +362,10 @@ def prepare_model(arch: str, tokenizer_dir: Path, work: Path) -> Path:
 
     from loraforge.bench.train_smoke import build_random_model
 
+    if arch == "smollm2-real":
+        from loraforge.models import resolve_model
+
+        return resolve_model("smollm2-135m-instruct")
     out = work / f"model-{arch}"
     if not (out / "config.json").is_file():
         build_random_model(arch, tokenizer_dir, out, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -294,7 +374,7 @@ def prepare_model(arch: str, tokenizer_dir: Path, work: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="loraforge bench train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="llama3-8b", choices=["llama3-8b", "smollm2"])
+    parser.add_argument("--arch", default="llama3-8b", choices=["llama3-8b", "smollm2", "smollm2-real"], help="smollm2-real: the embedded default with its real weights (the numerics check)")
     parser.add_argument("--engines", default="hf-peft,loraforge,loraforge-lean,unsloth")
     parser.add_argument("--cases", default="dense,alpaca")
     parser.add_argument("--quants", default="bf16,nf4")
@@ -303,12 +383,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--max-seq-length", type=int, default=4096)
     parser.add_argument("--samples", type=int, default=10000)
-    parser.add_argument("--lean-budget", type=float, default=18.0)
+    parser.add_argument("--lean-budget", default="18", help="GiB for loraforge-lean, or 'match': the peak memory the fastest Unsloth engine measured in this run, same case and weights (list it before loraforge-lean)")
     parser.add_argument("--alpaca", type=Path, default=Path("../shared/data/alpaca_cleaned_1000.json"))
     parser.add_argument("--tokenizer", type=Path, default=None, help="the embedded default's tokenizer dir (default: the embedded model)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/loraforge-bench-train"))
     parser.add_argument("--out", type=Path, default=Path("bench-out/train"))
     parser.add_argument("--child-timeout", type=float, default=400, help="seconds one engine run may take")
+    parser.add_argument("--profile", action="store_true", help="profile the loraforge engines' last warm-up step (CUDA): kernel time by kind and the timeline in --out; the steps timed after it run slower (seen: 9.4k instead of 10.3-11.1k tokens/s in the lean mode), so take speeds from runs without it")
     parser.add_argument("--loraforge-set", action="append", default=[], help="KEY=VALUE override for the loraforge engines (repeatable)")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -333,6 +414,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for engine in args.engines.split(","):
                 child = [sys.executable, "-m", "loraforge.bench.train_speed", *(argv if argv is not None else sys.argv[1:]),
                          "--engine", engine, "--case", case, "--quant", quant, "--model-dir", str(model_dir), "--tokenizer", str(args.tokenizer)]
+                if engine == "loraforge-lean":
+                    child += ["--lean-budget", str(lean_budget(args.lean_budget, results, case, quant))]
                 started = time.perf_counter()
                 try:
                     proc = subprocess.run(child, capture_output=True, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}, timeout=args.child_timeout)
@@ -351,6 +434,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print_table(results)
     return results
+
+
+def lean_budget(setting: str, results: list[dict], case: str, quant: str) -> float:
+    """GiB for loraforge-lean: a number, or 'match': the fastest Unsloth engine's measured peak here."""
+    if setting != "match":
+        return float(setting)
+    peers = [r for r in results if r["engine"].startswith("unsloth") and r["case"] == case and r["quant"] == quant and "error" not in r]
+    if not peers:
+        raise SystemExit(f"--lean-budget match: no Unsloth result for {case} {quant} yet; list unsloth (or unsloth-packed) before loraforge-lean in --engines")
+    return max(peers, key=lambda r: r["tokens_per_s"])["peak_gpu_memory_gib"]
 
 
 def _line(r: dict) -> str:

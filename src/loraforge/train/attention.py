@@ -9,6 +9,13 @@ On CUDA this is PyTorch's own flash-attention varlen kernel (``torch.nn.attentio
 no extra package). Elsewhere (CPU tests, tiny models) the same call runs SDPA once per sample:
 exact, slow, the reference the GPU path is checked against.
 
+When every sample of the micro-batch has the same length (long-context data cut to
+``max_seq_length``, the dense benchmark case) the flat row is whole rows of one sample each:
+it is viewed as (samples, length) and goes through SDPA's causal kernel, cuDNN's first where
+it runs. Measured on an H200 (2 x 4,096 tokens, 32 heads, 8 KV heads, forward + backward):
+cuDNN 2.0 ms, the flash varlen kernel 3.6 ms (docs/BENCHMARKS.md, issue 7). cuDNN's own
+varlen entry point is not used: in torch 2.11 it was 10x slower and its gradients were wrong.
+
 The function is registered with transformers' attention interface under ``NAME``; a model
 loaded with ``attn_implementation=NAME`` reads the sample boundaries from the keyword
 arguments of its forward (``flat_kwargs``), which transformers passes down to every layer.
@@ -62,6 +69,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if query.shape[0] != 1:
         raise ValueError(f"{NAME} attention takes one flat row of packed samples, got a batch of {query.shape[0]}")
     max_len = int(kwargs["max_length_q"])
+    samples, tokens = cu.shape[0] - 1, query.shape[2]
+    if samples * max_len == tokens:  # no sample is shorter than the longest: whole rows
+        return _sdpa_rows(query, key, value, samples, scaling), None
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (T, H, D)
     if q.is_cuda:
         out = _flash_varlen(q, k, v, cu, max_len, scaling)
@@ -83,13 +93,33 @@ def _varlen_call():
 
 
 def _flash_varlen(q, k, v, cu, max_len, scale):
+    # Grouped K/V heads go in as they are: the flash kernel reads each group's K/V head itself,
+    # also where the API has no enable_gqa switch (torch 2.11: same output as repeated heads,
+    # checked on the H200), so no repeated copy of K and V is made or kept for backward.
     varlen_attn, kwargs = _varlen_call()
     cu = cu.to(device=q.device, dtype=torch.int32)
-    if k.shape[1] != q.shape[1] and "enable_gqa" not in kwargs:
-        # flash attention reads grouped K/V heads itself; an API that does not say so still
-        # gets them whole, which costs memory but not correctness
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **kwargs)
+
+
+@functools.cache
+def _row_backends():
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa_rows(query, key, value, samples: int, scale):
+    """(1, H, samples x L, D) of equal-length samples -> (1, samples x L, H, D), causal per sample."""
+    from torch.nn.attention import sdpa_kernel
+
+    q, k, v = (t[0].unflatten(1, (samples, -1)).transpose(0, 1) for t in (query, key, value))  # (n, H, L, D) views
+    gqa = k.shape[1] != q.shape[1]
+    if q.is_cuda:
+        with sdpa_kernel(_row_backends(), set_priority=True):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2).reshape(1, -1, q.shape[1], q.shape[3])
 
 
 def _sdpa_per_sample(q, k, v, cu, scale):

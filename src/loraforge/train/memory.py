@@ -18,6 +18,7 @@ MLP width m and b bytes per value (what autograd keeps for backward):
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ class MemoryPlan:
     offload: bool  # checkpointed inputs kept in pinned CPU memory
     budget: int
     estimate: dict[str, int]
+    adapter_dtype: str = "fp32"  # "model": the budget holds LoRA and AdamW state only in the model's dtype
 
     @property
     def total(self) -> int:
@@ -46,6 +48,8 @@ class MemoryPlan:
             what = f"recompute {self.checkpointed} of {self.layers} layers, keep the activations of {self.layers - self.checkpointed}"
         if self.offload:
             what += ", their inputs offloaded to pinned CPU memory"
+        if self.adapter_dtype == "model":
+            what += ", LoRA weights and AdamW state in the model's dtype"
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.estimate.items() if v)
         return f"{what}: ~{self.total / GiB:.1f} GiB of a {self.budget / GiB:.1f} GiB budget ({parts})"
 
@@ -102,24 +106,42 @@ def apply(model, plan: MemoryPlan) -> None:
     """Checkpoint the first ``plan.checkpointed`` decoder layers (offloaded if planned).
 
     Uses transformers' per-layer switch (``GradientCheckpointingLayer.gradient_checkpointing``)
-    after ``gradient_checkpointing_enable`` set every layer up.
+    after ``gradient_checkpointing_enable`` set every layer up, with ``recompute_checkpoint`` as
+    the function: it says when a forward is the recomputation (``recomputing``), so the fused
+    LoRA layers can skip what backward does not read.
     """
     from loraforge.train.distributed import decoder_layers
 
     layers = decoder_layers(model)
+    run = offloaded_checkpoint if plan.offload else recompute_checkpoint
     for i, layer in enumerate(layers):
         on = i < plan.checkpointed
         layer.gradient_checkpointing = on
-        if on and plan.offload:
-            layer._gradient_checkpointing_func = offloaded_checkpoint
+        if on:
+            layer._gradient_checkpointing_func = run
+
+
+_recomputing: ContextVar[bool] = ContextVar("loraforge_recomputing", default=False)
+
+
+def recomputing() -> bool:
+    """True while a checkpointed layer's forward runs again in backward (to rebuild its graph)."""
+    return _recomputing.get()
+
+
+def recompute_checkpoint(run, hidden, *args):
+    """Activation checkpointing: keep the layer's input, run the layer again in backward."""
+    if args:
+        raise TypeError("recompute_checkpoint takes the layer's hidden states as its only positional argument")
+    return _Recompute.apply(run, hidden, False)
 
 
 def offloaded_checkpoint(run, hidden, *args):
-    """``torch.utils.checkpoint`` with the saved input in pinned CPU memory (CUDA), copied out
+    """``recompute_checkpoint`` with the saved input in pinned CPU memory (CUDA), copied out
     on a side stream while the GPU computes and copied back when backward reaches the layer."""
     if args:
         raise TypeError("offloaded_checkpoint takes the layer's hidden states as its only positional argument")
-    return _Offloaded.apply(run, hidden)
+    return _Recompute.apply(run, hidden, True)
 
 
 _streams: dict[int, torch.cuda.Stream] = {}
@@ -132,13 +154,15 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _streams[index]
 
 
-class _Offloaded(torch.autograd.Function):
+class _Recompute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, hidden):
+    def forward(ctx, run, hidden, offload: bool):
         ctx.run, ctx.device = run, hidden.device
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        if hidden.is_cuda:
+        if not offload:
+            saved, ctx.copied = hidden.detach(), None
+        elif hidden.is_cuda:
             stream = _side_stream(hidden.device)
             stream.wait_stream(torch.cuda.current_stream(hidden.device))
             saved = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
@@ -164,8 +188,12 @@ class _Offloaded(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            with torch.enable_grad():
-                out = ctx.run(hidden)
+            token = _recomputing.set(True)
+            try:
+                with torch.enable_grad():
+                    out = ctx.run(hidden)
+            finally:
+                _recomputing.reset(token)
         out = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(out, grad)
-        return None, hidden.grad
+        return None, hidden.grad, None

@@ -89,7 +89,7 @@ def wrap_lora(model, cfg: TrainConfig, checkpointing: bool):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, peft_config, autocast_adapter_dtype=cfg.adapter_dtype == "fp32")
+    model = get_peft_model(model, peft_config, autocast_adapter_dtype=cfg.adapter_dtype != "model")
     model.train()  # from_pretrained returns eval mode, which silently disables checkpointing
     return model
 

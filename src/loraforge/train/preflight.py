@@ -115,7 +115,8 @@ def estimate_memory(
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head") and (targets is None or name.rsplit(".", 1)[-1] in targets):
             per_layer_lora += cfg.lora.r * (m.in_features + m.out_features)
-    lora_state = per_layer_lora * 4 * 4  # fp32 weights, gradients, AdamW m and v
+    # weights, gradients, AdamW m and v: fp32, or the model's dtype (train.adapter_dtype)
+    lora_state = per_layer_lora * 4 * (width if cfg.adapter_dtype == "model" else 4)
     tokens = micro_batch * seq_len
     per_token = layer_bytes(c, width)  # the planner's numbers: all layers kept, or inputs + one recomputed
     activations = tokens * (layers * per_token.checkpointed + per_token.full) if checkpointing else tokens * layers * per_token.full
@@ -138,15 +139,27 @@ def available_memory(device: torch.device) -> int:
 
 
 def plan_memory(model, cfg: TrainConfig, dtype, device, seq_len: int, fused_loss: bool, flat: bool):
-    """The memory planner's choice (``train.memory.plan``) for this model, data and device."""
+    """The memory planner's choice (``train.memory.plan``) for this model, data and device.
+
+    With ``train.adapter_dtype`` null, adapters stay fp32 unless only the model's dtype fits the
+    budget (every layer recomputed and offloaded, still over): then the plan takes the model's."""
     from loraforge.train import memory
 
-    parts = estimate_memory(model, cfg, dtype, seq_len, cfg.micro_batch_size, False, fused_loss, flat)
-    fixed = {k: v for k, v in parts.items() if k != "activations"}
     budget = int(cfg.memory_budget_gib * GiB) if cfg.memory_budget_gib else int(0.9 * available_memory(device))
-    width = dtype.itemsize
     offload = cfg.offload_activations if device.type == "cuda" else False  # pinned memory and copies need CUDA
-    return memory.plan(fixed, memory.layer_bytes(model.config, width), model.config.num_hidden_layers, cfg.micro_batch_size * seq_len, budget, cfg.gradient_checkpointing, offload)
+
+    def plan_for(adapter_dtype: str):
+        planned = cfg.model_copy(update={"adapter_dtype": adapter_dtype})
+        parts = estimate_memory(model, planned, dtype, seq_len, cfg.micro_batch_size, False, fused_loss, flat)
+        fixed = {k: v for k, v in parts.items() if k != "activations"}
+        chosen = memory.plan(fixed, memory.layer_bytes(model.config, dtype.itemsize), model.config.num_hidden_layers, cfg.micro_batch_size * seq_len, budget, cfg.gradient_checkpointing, offload)
+        chosen.adapter_dtype = adapter_dtype
+        return chosen
+
+    chosen = plan_for(cfg.adapter_dtype or "fp32")
+    if cfg.adapter_dtype is None and chosen.total > budget and dtype.itemsize < 4:
+        chosen = plan_for("model")
+    return chosen
 
 
 def check_memory(model, cfg: TrainConfig, dtype, device, seq_len: int, checkpointing: bool, parts: dict[str, int] | None = None) -> tuple[Finding, dict]:

@@ -211,6 +211,9 @@ class TrainRun:
         ]
         seq = min(cfg.max_seq_length, max((sum(len(self.train_samples[i].input_ids) for i in row) for row in self.train_rows), default=16))
         self.memory_plan = pf.plan_memory(meta, cfg, self.dtype, self.device, seq, self.fused_loss, self.flat)
+        if cfg.adapter_dtype is None:  # the plan's choice is the run's (and the manifest's)
+            self.cfg = cfg = cfg.model_copy(update={"adapter_dtype": self.memory_plan.adapter_dtype})
+            self.config = self.config.model_copy(update={"train": cfg})
         self.checkpointing = self.memory_plan.checkpointed > 0
         if cfg.attention == "varlen" and self.device.type == "cuda" and not attention.available(self.device):
             findings.append(pf.Finding("block", "attention", f"train.attention: varlen, but torch {torch.__version__} has no flash varlen kernel", "train.attention: auto (or sdpa), or torch >= 2.10"))
