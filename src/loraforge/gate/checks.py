@@ -153,7 +153,7 @@ class RepetitionCheck(Check):
     def __call__(self, sample: Sample) -> Reject | None:
         for i, message in enumerate(sample.messages):
             if message["role"] == "assistant":
-                why = find_repetition(message["content"], self.cfg)
+                why = find_repetition(message["content"], self.cfg, sample.words(i))
                 if why:
                     return self.reject(f"message {i} (assistant): {why}")
         return None

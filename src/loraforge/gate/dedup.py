@@ -6,7 +6,8 @@ kept whatever the number of workers.
 
 Our own MinHash, not datasketch's: datasketch hashes every shingle with a Python call per
 permutation set and took 474-527 us a sample on the shared Alpaca file, where this vectorized
-numpy version takes about a quarter of that. The LSH index stores band hashes in a flat
+numpy version takes about a quarter of that, and the C extension's (``_native.minhash``, the
+same values) ~10 us. The LSH index stores band hashes in a flat
 open-addressing uint64 table (``KeyIndex``): 16 bytes a key against ~100 bytes in a Python
 dict of lists, which keeps the gate's memory small on million-record files.
 """
@@ -14,16 +15,19 @@ dict of lists, which keeps the gate's memory small on million-record files.
 from __future__ import annotations
 
 import math
-import re
 import unicodedata
 
 import numpy as np
 import xxhash
 
-from loraforge.gate.repetition import words_of
+from loraforge.gate.repetition import word_runs, words_of
 from loraforge.gate.verdict import Reason, Reject, Sample
 
-_WORD = re.compile(r"\w+")
+try:  # the hot loops in C (setup.py builds it); without it, the numpy versions below, same values
+    from loraforge.gate import _native
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+
 _MERSENNE = np.uint64((1 << 61) - 1)
 
 
@@ -32,15 +36,16 @@ def normalized_text(messages: list[dict[str, str]]) -> str:
     return _normalized(messages)[0]
 
 
-def _normalized(messages: list[dict[str, str]]) -> tuple[str, list[str]]:
-    """``normalized_text(messages)`` and its ``split()``, built together (no word holds whitespace)."""
+def _normalized(messages: list[dict[str, str]], words_of_message=None) -> tuple[str, list[str]]:
+    """``normalized_text(messages)`` and its ``split()``, built together (no word holds whitespace).
+    ``words_of_message(i)``: ``words_of`` message i's content, where the caller keeps it."""
     parts, all_words = [], []
-    for m in messages:
+    for i, m in enumerate(messages):
         text = m["content"]
-        if text.isascii():  # NFKC and casefold are identities on ASCII beyond lower(): skip the regex too
-            words = words_of(text)  # NFKC and casefold leave ASCII as lower()
+        if text.isascii():  # NFKC and casefold leave ASCII as lower(): the words of words_of
+            words = words_of_message(i) if words_of_message else words_of(text)
         else:
-            words = _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+            words = word_runs(unicodedata.normalize("NFKC", text).casefold())
         parts.append(m["role"] + ": " + " ".join(words))
         all_words.append(m["role"] + ":")
         all_words += words
@@ -70,6 +75,8 @@ _MIX_POWERS = {1 << k: np.uint64(pow(0x9E3779B97F4A7C15, 1 << k, 1 << 64)) for k
 
 
 def word_hashes(words: list[str]) -> np.ndarray:
+    if _native is not None:
+        return np.frombuffer(_native.word_hashes(words, _WORD_HASHES), dtype=np.uint64)
     return np.fromiter(map(_WORD_HASHES.__getitem__, words), dtype=np.uint64, count=len(words))
 
 
@@ -78,6 +85,8 @@ def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
     count = len(hashes) - n + 1
     if count <= 0:
         return np.zeros(0, dtype=np.uint64)
+    if _native is not None:  # the same sum in Horner form, one pass
+        return np.frombuffer(_native.ngram_hashes(hashes, n), dtype=np.uint64)
     # gram(i, n) = sum_k hashes[i + k] * MIX^(n-1-k) mod 2^64, built by doubling:
     # gram(i, a + b) = gram(i, a) * MIX^b + gram(i + a, b), about 2 log2(n) array operations
     grams, have = None, 0  # grams of `have` words, for the first len(hashes) - have + 1 positions
@@ -100,7 +109,7 @@ def sample_features(sample: Sample) -> tuple[str, list[str], np.ndarray]:
     """Normalized text, its words and their hashes: computed once, shared by every check that needs them."""
     cached = sample.cache.get("features")
     if cached is None:
-        norm, words = _normalized(sample.messages)
+        norm, words = _normalized(sample.messages, sample.words)
         cached = sample.cache["features"] = (norm, words, word_hashes(words))
     return cached
 
@@ -133,11 +142,18 @@ class MinHasher:
         self.n = shingle_words
         self.buffer = np.empty((256, num_perm), dtype=np.uint64)
 
-    def signature(self, hashes: np.ndarray) -> np.ndarray:
-        """MinHash of the word ``n``-gram shingles, from the words' hashes."""
+    def shingles(self, hashes: np.ndarray) -> np.ndarray:
+        """Hashes of the word ``n``-gram shingles, from the words' hashes."""
         shingles = ngram_hashes(hashes, self.n)
         if not len(shingles):  # fewer words than a shingle: the whole text is one shingle
             shingles = ngram_hashes(hashes, len(hashes)) if len(hashes) else np.zeros(1, dtype=np.uint64)
+        return shingles
+
+    def signature(self, hashes: np.ndarray) -> np.ndarray:
+        """MinHash of the word ``n``-gram shingles, from the words' hashes."""
+        shingles = self.shingles(hashes)
+        if _native is not None:
+            return np.frombuffer(_native.minhash(shingles, self.a, self.b)[0], dtype=np.uint64)
         # universal hashing a*x+b, wrapping mod 2^64; the high bits decide the minimum. In place in
         # a buffer kept between calls: a fresh (shingles x num_perm) array costs page faults.
         if len(self.buffer) < len(shingles):
@@ -149,6 +165,10 @@ class MinHasher:
 
     def keys(self, hashes: np.ndarray) -> tuple[list[int], bytes]:
         """LSH band keys, and the top byte of every minimum (b-bit MinHash, b = 8) to verify a hit."""
+        if _native is not None:  # the signature's bytes and its sketch in one call
+            signature, sketch = _native.minhash(self.shingles(hashes), self.a, self.b)
+            width = 8 * self.rows
+            return [xxhash.xxh3_64_intdigest(signature[i * width : (i + 1) * width], seed=i) for i in range(self.bands)], sketch
         sig = self.signature(hashes)
         banded = sig[: self.bands * self.rows].reshape(self.bands, self.rows)
         bands = [xxhash.xxh3_64_intdigest(band.tobytes(), seed=i) for i, band in enumerate(banded)]
@@ -187,6 +207,12 @@ class KeyIndex:
         i = self._slot(key)
         return self._values[i] if self._keys[i] == key else None
 
+    def get_all(self, keys: list[int]) -> list[int]:
+        """The values of those of ``keys`` that are present, in order."""
+        if _native is not None:
+            return _native.key_get_all(self.keys, self.values, keys)
+        return [value for key in keys if (value := self.get(key)) is not None]
+
     def add(self, key: int, value: int) -> None:
         key = key or 1
         if (self.size + 1) * 2 > len(self.keys):
@@ -196,9 +222,22 @@ class KeyIndex:
             self._keys[i], self._values[i] = key, value
             self.size += 1
 
+    def add_all(self, keys: list[int], value: int) -> None:
+        """``add(key, value)`` for every key (the table may grow a call earlier: same contents)."""
+        if _native is None:
+            for key in keys:
+                self.add(key, value)
+            return
+        while (self.size + len(keys)) * 2 > len(self.keys):
+            self._grow()
+        self.size += _native.key_add_all(self.keys, self.values, keys, value)
+
     def _grow(self) -> None:
         old_keys, old_values = self.keys, self.values
         self._allocate(len(old_keys) * 2)
+        if _native is not None:
+            self.size = _native.key_rehash(self.keys, self.values, old_keys, old_values)
+            return
         self.size = 0
         for key, value in zip(old_keys[old_keys != 0].tolist(), old_values[old_keys != 0].tolist()):
             self.add(key, value)
@@ -225,7 +264,10 @@ class DuplicateIndex:
 
     def jaccard(self, ordinal: int, sketch: bytes) -> float:
         # a count over num_perm: the same float as np.mean of the comparison, ~5x faster
-        equal = np.count_nonzero(self.sketches[ordinal] == np.frombuffer(sketch, dtype=np.uint8)) / len(sketch)
+        if _native is not None:
+            equal = _native.count_equal(self.sketches, ordinal, sketch) / len(sketch)
+        else:
+            equal = np.count_nonzero(self.sketches[ordinal] == np.frombuffer(sketch, dtype=np.uint8)) / len(sketch)
         return max(0.0, (equal - 1 / 256) / (1 - 1 / 256))
 
     def check(self, exact: int | None, near: tuple[list[int], bytes] | None) -> tuple[Reason, int, float] | None:
@@ -234,7 +276,7 @@ class DuplicateIndex:
             return Reason.EXACT_DUPLICATE, hit, 1.0
         if self.near is not None and near:
             bands, sketch = near
-            for candidate in dict.fromkeys(h for key in bands if (h := self.near.get(key)) is not None):
+            for candidate in dict.fromkeys(self.near.get_all(bands)):
                 similarity = self.jaccard(candidate, sketch)
                 if similarity >= self.threshold:
                     return Reason.NEAR_DUPLICATE, candidate, similarity
@@ -248,8 +290,7 @@ class DuplicateIndex:
             if ordinal >= len(self.sketches):
                 self.sketches = np.concatenate([self.sketches, np.zeros_like(self.sketches)])
             self.sketches[ordinal] = np.frombuffer(sketch, dtype=np.uint8)
-            for key in bands:
-                self.near.add(key, ordinal)
+            self.near.add_all(bands, ordinal)
 
 
 class EvalOverlapCheck:
@@ -267,11 +308,19 @@ class EvalOverlapCheck:
     def __call__(self, sample: Sample) -> Reject | None:
         _, words, hashes = sample_features(sample)
         grams = ngram_hashes(hashes, self.n)
-        if not len(grams) or not len(self.keys) or self.key_set.isdisjoint(grams.tolist()):
+        if not len(grams) or not len(self.keys):
             return None
+        i = self._first_hit(grams)
+        if i < 0:
+            return None
+        return Reject(self.code, f"shares the {self.n}-gram {' '.join(words[i : i + self.n])!r} with the eval data")
+
+    def _first_hit(self, grams: np.ndarray) -> int:
+        """Index of the first of ``grams`` among the eval keys, or -1."""
+        if _native is not None:  # a binary search per n-gram in C
+            return _native.first_member(grams, self.keys)
+        if self.key_set.isdisjoint(grams.tolist()):
+            return -1
         slots = np.minimum(np.searchsorted(self.keys, grams), len(self.keys) - 1)
         hits = np.flatnonzero(self.keys[slots] == grams)
-        if not len(hits):
-            return None
-        i = int(hits[0])
-        return Reject(self.code, f"shares the {self.n}-gram {' '.join(words[i : i + self.n])!r} with the eval data")
+        return int(hits[0]) if len(hits) else -1

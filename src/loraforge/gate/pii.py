@@ -5,6 +5,11 @@ from __future__ import annotations
 import ipaddress
 import re
 
+try:  # the prefilters in one pass in C (setup.py builds it); without it, the ones below
+    from loraforge.gate import _native
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+
 PATTERNS: dict[str, re.Pattern] = {
     "email": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
     # +country code or (area) forms, or 3-3-4 digit groups; dates and plain numbers do not match
@@ -75,20 +80,28 @@ def _may_contain(kind: str, text: str, digits: bytes | None) -> bool:
     return _PREFILTERS[kind].search(text) is not None
 
 
+_KIND_BITS = {"email": 1, "phone": 2, "ip": 4, "api_key": 8}  # _native.pii_prefilter's answer
+
+
+def _possible(text: str, kinds: list[str]) -> list[str]:
+    """Those of ``kinds`` whose prefilter passes: for the others, ``PATTERNS[kind]`` does not match."""
+    if _native is not None:
+        mask = _native.pii_prefilter(text)
+        return [kind for kind in kinds if mask & _KIND_BITS[kind]]
+    digits = text.encode("ascii").translate(_DIGITS) if text.isascii() else None
+    return [kind for kind in kinds if _may_contain(kind, text, digits)]
+
+
 def may_contain_pii(text: str, kinds: list[str]) -> bool:
     """False proves that ``find_pii(text, kinds)`` finds nothing (the prefilters only search for substrings
     and patterns without look-around, so they also hold for any text that contains ``text``)."""
-    digits = text.encode("ascii").translate(_DIGITS) if text.isascii() else None
-    return any(_may_contain(kind, text, digits) for kind in kinds)
+    return bool(_possible(text, kinds))
 
 
 def find_pii(text: str, kinds: list[str]) -> list[tuple[str, str]]:
     """(kind, matched text) for every finding in ``text``."""
     found = []
-    digits = text.encode("ascii").translate(_DIGITS) if text.isascii() else None
-    for kind in kinds:
-        if not _may_contain(kind, text, digits):
-            continue
+    for kind in _possible(text, kinds):
         for match in PATTERNS[kind].finditer(text):
             if _valid(kind, match.group(0)):
                 found.append((kind, match.group(0)))

@@ -29,6 +29,9 @@ class RawRecord:
     text: str | bytes | None  # the raw line, for JSONL
     value: Any = None  # the decoded record, for JSON arrays and Parquet
 
+    def __reduce__(self):  # pickled to the workers: ~2.5x faster than a slots dataclass's default
+        return RawRecord, (self.file, self.line, self.text, self.value)
+
 
 def kind_of(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]

@@ -37,6 +37,11 @@ from operator import and_, eq, mul
 
 from loraforge.config import RepetitionConfig
 
+try:  # the screen's counts and n-gram measures in C (setup.py builds it); without it, _Screen
+    from loraforge.gate import _native
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+
 _WORD = re.compile(r"\w+")
 _RULE_CHARS = " \t\r\n-=_*#|.~+`"
 
@@ -59,9 +64,16 @@ _ASCII_WORDS = bytes(c if chr(c).isalnum() or c == ord("_") else ord(" ") for c 
 
 
 def words_of(text: str) -> list[str]:
+    if _native is not None:  # one pass in C, ASCII or not (a quarter of findall's time on other text)
+        return _native.words(text.lower())
     if text.isascii():
         return text.encode("ascii").translate(_ASCII_WORDS).decode("ascii").split()
     return _WORD.findall(text.lower())
+
+
+def word_runs(text: str) -> list[str]:
+    """``re.findall(r"\\w+", text)``."""
+    return _native.words(text) if _native is not None else _WORD.findall(text)
 
 
 def loop_gram(min_repeats: int, min_span: int) -> int:
@@ -137,6 +149,9 @@ def dup_ngram_char_frac(words: list[str], n: int, total_chars: int) -> float:
 
 def dup_line_frac(text: str) -> tuple[float, int]:
     """Fraction of lines (of three or more words) that repeat an earlier one, and how many there are."""
+    if _native is not None and text.isascii():  # the same lines and words, counted in C
+        distinct, n_lines = _native.dup_lines(text)
+        return (1 - distinct / n_lines, n_lines) if n_lines else (0.0, 0)
     lines = list(map(" ".join, map(str.split, map(str.lower, text.splitlines()))))
     lines = list(compress(lines, map((2).__le__, map(str.count, lines, repeat(" ")))))  # 3+ words
     if not lines:
@@ -149,6 +164,13 @@ _CHAR_RUN_CACHE: dict[int, re.Pattern] = {}
 
 def char_run(text: str, length: int) -> re.Match | None:
     """The first run of one (non rule) character ``length`` times or more."""
+    pattern = _CHAR_RUN_CACHE.get(length)
+    if pattern is None:
+        rule = re.escape(_RULE_CHARS)
+        pattern = _CHAR_RUN_CACHE[length] = re.compile(rf"([^{rule}])\1{{{length - 1},}}")
+    if _native is not None:  # one scan of the runs in C; the regex only where it will match
+        start = _native.char_run_start(text, length, _RULE_CHARS)
+        return pattern.match(text, start) if start >= 0 else None
     # A run of 2k characters covers a whole aligned window [m, m + k) with m a multiple of k:
     # test three points of every aligned window in C first, then the windows whose three points
     # agree, and search only if one window is constant.
@@ -160,10 +182,6 @@ def char_run(text: str, length: int) -> re.Match | None:
             (window := text[m * step : (m + 1) * step]) == window[0] * step and window[0] not in _RULE_CHARS for m in hits
         ):
             return None
-    pattern = _CHAR_RUN_CACHE.get(length)
-    if pattern is None:
-        rule = re.escape(_RULE_CHARS)
-        pattern = _CHAR_RUN_CACHE[length] = re.compile(rf"([^{rule}])\1{{{length - 1},}}")
     return pattern.search(text)
 
 
@@ -176,6 +194,7 @@ class _Screen:
         self.repeated = bytes(map((1).__lt__, map(counts.__getitem__, words)))
         # the most characters one word accounts for (all its occurrences)
         self.top_word_chars = max(map(mul, map(len, counts), counts.values()), default=0)
+        self.total_chars = sum(map(len, words))
         self.words = words
 
     def may_repeat(self, n: int) -> bool:
@@ -206,7 +225,13 @@ class _Screen:
         _, grams, counts = self.grams(n)
         return len(counts) < len(grams)
 
-    def dup_ngram_char_frac(self, n: int, total_chars: int) -> float:
+    def top_ngram_char_frac(self, n: int) -> float:
+        return top_ngram_char_frac(self.words, n, self.total_chars)
+
+    def longest_loop(self, min_repeats: int, max_period: int, min_span: int) -> Loop | None:
+        return longest_loop(self.words, min_repeats, max_period, min_span)
+
+    def dup_ngram_char_frac(self, n: int) -> float:
         """``dup_ngram_char_frac(words, n, total_chars)``, over the candidate n-grams only."""
         starts, grams, counts = self.grams(n)
         if len(counts) == len(grams):
@@ -215,34 +240,68 @@ class _Screen:
         for i, gram in zip(starts, grams):
             if counts[gram] > 1:
                 covered[i : i + n] = b"\x01" * n
-        return sum(map(len, compress(self.words, covered))) / total_chars
+        return sum(map(len, compress(self.words, covered))) / self.total_chars
 
 
-def find_repetition(text: str, cfg: RepetitionConfig) -> str | None:
-    """Why ``text`` looks degenerate, or None: the verdict of ``find_repetition_exact``, faster."""
+class _NativeScreen(_Screen):
+    """``_Screen`` in C: the words numbered by first occurrence, every count and measure over
+    those numbers (``_native``), the same values (tested against ``_Screen``)."""
+
+    def __init__(self, words: list[str]):
+        self.words = words
+        self.ids, self.repeated, self.top_word_chars, self.total_chars, self._repeated_chars = _native.word_ids(words)
+
+    def repeated_chars(self) -> int:
+        return self._repeated_chars
+
+    def repeats(self, n: int) -> bool:
+        return _native.gram_repeats(self.ids, n)
+
+    def top_ngram_char_frac(self, n: int) -> float:
+        return _native.top_gram_chars(self.words, self.ids, n) / self.total_chars
+
+    def dup_ngram_char_frac(self, n: int) -> float:
+        return _native.dup_gram_chars(self.words, self.ids, n) / self.total_chars
+
+    def longest_loop(self, min_repeats: int, max_period: int, min_span: int) -> Loop | None:
+        """``longest_loop`` without its repeated-n-gram shortcut, which ``find_repetition`` takes first."""
+        found = _native.longest_loop(self.ids, min_repeats, max_period)
+        if found is None:
+            return None
+        period, repeats, start = found
+        return Loop(period, repeats, start, " ".join(self.words[start : start + period]))
+
+
+def screen_of(words: list[str]) -> _Screen:
+    return _NativeScreen(words) if _native is not None else _Screen(words)
+
+
+def find_repetition(text: str, cfg: RepetitionConfig, words: list[str] | None = None) -> str | None:
+    """Why ``text`` looks degenerate, or None: the verdict of ``find_repetition_exact``, faster.
+    ``words``: ``words_of(text)`` where the caller has it."""
     if cfg.char_run is not None and (run := char_run(text, cfg.char_run)):
         return f"the character {run.group(1)!r} repeated {len(run.group(0))} times in a row"
-    words = words_of(text)
-    screen = _Screen(words)
+    words = words_of(text) if words is None else words
+    screen = screen_of(words)
     gram = loop_gram(cfg.loop_repeats or 2, cfg.loop_min_words)
     if cfg.loop_repeats is not None and len(words) >= cfg.loop_min_words and screen.may_repeat(gram) and screen.repeats(gram):
         # no repeated n-gram of that length: longest_loop finds nothing (see loop_gram)
-        if why := _loop_rule(words, cfg):
+        if why := _loop_rule(screen.longest_loop(cfg.loop_repeats, cfg.max_loop_period, cfg.loop_min_words), words, cfg):
             return why
     if len(words) < cfg.min_words:
         return None
     if cfg.dup_line_frac is not None and len(text.splitlines()) >= cfg.min_lines and (why := _line_rule(text, cfg)):
         return why
-    total = sum(map(len, words))
+    total = screen.total_chars
     for n, limit in (cfg.top_ngram_char_frac or {}).items():
         # the top n-gram's characters times its count <= n times the top word's characters
-        if n * screen.top_word_chars / total > limit and (why := _top_ngram_rule(words, n, limit, total)):
+        if n * screen.top_word_chars / total > limit and (why := _top_ngram_rule(screen.top_ngram_char_frac(n), n, limit)):
             return why
     dup_limits = sorted((cfg.dup_ngram_char_frac or {}).items())
     if dup_limits and any(screen.may_repeat(n) for n, _ in dup_limits):
         bound = screen.repeated_chars() / total
         if any(bound > limit for _, limit in dup_limits):
-            return _dup_ngram_rule(words, dup_limits, total, screen.dup_ngram_char_frac)
+            return _dup_ngram_rule(dup_limits, screen.dup_ngram_char_frac)
     return None
 
 
@@ -251,21 +310,21 @@ def find_repetition_exact(text: str, cfg: RepetitionConfig) -> str | None:
     if cfg.char_run is not None and (run := char_run(text, cfg.char_run)):
         return f"the character {run.group(1)!r} repeated {len(run.group(0))} times in a row"
     words = words_of(text)
-    if cfg.loop_repeats is not None and len(words) >= cfg.loop_min_words and (why := _loop_rule(words, cfg)):
-        return why
+    if cfg.loop_repeats is not None and len(words) >= cfg.loop_min_words:
+        if why := _loop_rule(longest_loop(words, cfg.loop_repeats, cfg.max_loop_period, cfg.loop_min_words), words, cfg):
+            return why
     if len(words) < cfg.min_words:
         return None
     if cfg.dup_line_frac is not None and (why := _line_rule(text, cfg)):
         return why
     total = sum(map(len, words))
     for n, limit in (cfg.top_ngram_char_frac or {}).items():
-        if why := _top_ngram_rule(words, n, limit, total):
+        if why := _top_ngram_rule(top_ngram_char_frac(words, n, total), n, limit):
             return why
-    return _dup_ngram_rule(words, sorted((cfg.dup_ngram_char_frac or {}).items()), total)
+    return _dup_ngram_rule(sorted((cfg.dup_ngram_char_frac or {}).items()), lambda n: dup_ngram_char_frac(words, n, total))
 
 
-def _loop_rule(words: list[str], cfg: RepetitionConfig) -> str | None:
-    loop = longest_loop(words, cfg.loop_repeats, cfg.max_loop_period, cfg.loop_min_words)
+def _loop_rule(loop: Loop | None, words: list[str], cfg: RepetitionConfig) -> str | None:
     if loop is not None and loop.span >= cfg.loop_min_words:
         return f"loop: {loop.phrase!r} repeated {loop.repeats} times back to back ({loop.span} of {len(words)} words)"
     return None
@@ -278,15 +337,16 @@ def _line_rule(text: str, cfg: RepetitionConfig) -> str | None:
     return None
 
 
-def _top_ngram_rule(words: list[str], n: int, limit: float, total: int) -> str | None:
-    if (frac := top_ngram_char_frac(words, n, total)) > limit:
+def _top_ngram_rule(frac: float, n: int, limit: float) -> str | None:
+    if frac > limit:
         return f"the most frequent {n}-gram covers {frac:.0%} of the characters (limit {limit:.0%})"
     return None
 
 
-def _dup_ngram_rule(words: list[str], dup_limits: list[tuple[int, float]], total: int, frac_of=None) -> str | None:
+def _dup_ngram_rule(dup_limits: list[tuple[int, float]], frac_of) -> str | None:
+    """``frac_of(n)``: the characters covered by repeated n-grams, as a fraction."""
     for n, limit in dup_limits:
-        frac = frac_of(n, total) if frac_of else dup_ngram_char_frac(words, n, total)
+        frac = frac_of(n)
         if frac > limit:
             return f"repeated {n}-grams cover {frac:.0%} of the characters (limit {limit:.0%})"
         # longer repeated n-grams cover a subset of the words shorter ones cover: stop early

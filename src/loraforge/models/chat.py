@@ -164,6 +164,16 @@ class _ChunkCounts(dict):
         return value
 
 
+def _chunk_table():
+    """A ``ChunkTable`` of the gate's C extension, or None where it is not built (imported here, not
+    at the top: the gate's modules import this one)."""
+    try:
+        from loraforge.gate._native import ChunkTable
+    except ImportError:  # pragma: no cover - depends on the build
+        return None
+    return ChunkTable()
+
+
 class TokenCounter:
     """Exact token counts for byte-level BPE tokenizers, several times faster than encoding.
 
@@ -202,6 +212,8 @@ class TokenCounter:
             self._space_then_space = re.compile(f" [{_WHITE_SPACE}]")
             # " " + chunk -> its token count: ``map(self.chunks.__getitem__, ...)`` runs in C once known
             self.chunks = _ChunkCounts(lambda chunk: self._count_pieces(" " + chunk))
+            # the same counts in the C extension's table, which cuts and sums without str objects
+            self.chunk_table = _chunk_table()
             # texts with other whitespace: cut at whitespace-run borders (GPT-2's pattern only, see _segments)
             self.segments = _segments_regex() if self.split.pattern == _GPT2_SPLIT else None
             self.segment_counts = _ChunkCounts(self._count_pieces)  # text -> its token count
@@ -262,18 +274,38 @@ class TokenCounter:
 
     def _count_part(self, part: str) -> int:
         """Tokens of text without added tokens."""
+        if self.chunk_table is not None and (counted := self._count_chunks_native(part)) is not None:
+            return counted
         if part.endswith(" ") or self._space_then_space.search(part):
             if self.segments is None:
                 return self._count_pieces(part)
             if len(self.segment_counts) >= self.max_cache:
                 self.segment_counts.clear()
             return sum(map(self.segment_counts.__getitem__, self.segments.findall(part)))
+        if len(self.segment_counts) >= self.max_cache:
+            self.segment_counts.clear()
         first, *rest = part.split(" ")  # first: the text before the first space, counted alone
         if len(self.chunks) >= self.max_cache:
             self.chunks.clear()
+        return self.segment_counts[first] + sum(map(self.chunks.__getitem__, rest))
+
+    def _count_chunks_native(self, part: str) -> int | None:
+        """The chunk path of ``_count_part`` through ``chunk_table`` (the same chunks, the same counts),
+        or None where the text needs the whitespace-run cut (the table checks that on the way)."""
+        table = self.chunk_table
+        if len(table) >= self.max_cache:
+            table.clear()
+        counted = table.count(part)
+        if counted is None:
+            return None
+        n, unknown, first_end = counted
+        for chunk in unknown:
+            count = self._count_pieces(" " + chunk)
+            table.add(chunk, count)
+            n += count
         if len(self.segment_counts) >= self.max_cache:
             self.segment_counts.clear()
-        return self.segment_counts[first] + sum(map(self.chunks.__getitem__, rest))
+        return n + self.segment_counts[part[:first_end]]
 
     def _count_pieces(self, text: str) -> int:
         cache, count = self.cache, self._count
