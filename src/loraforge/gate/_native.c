@@ -768,6 +768,21 @@ static Py_ssize_t *word_lengths(PyObject *words, Py_ssize_t n) {
     return lens;
 }
 
+/* The arguments (words, ids, n) of the n-gram measures over words: the ids, their n-gram
+ * counts and the words' lengths; on failure (-1) nothing is left to release. */
+static int word_grams(PyObject *args, Py_ssize_t *n, Ids *ids, Grams *g, Py_ssize_t **lens) {
+    PyObject *words, *obj;
+    if (!PyArg_ParseTuple(args, "OOn", &words, &obj, n) || get_ids(obj, ids) < 0)
+        return -1;
+    *lens = word_lengths(words, ids->n);
+    if (!*lens || grams_count(ids, *n, g) < 0) {
+        free(*lens);
+        PyBuffer_Release(&ids->view);
+        return -1;
+    }
+    return 0;
+}
+
 /* gram_repeats(ids, n) -> whether some n-gram occurs twice */
 static PyObject *gram_repeats(PyObject *self, PyObject *args) {
     PyObject *obj;
@@ -792,18 +807,11 @@ static PyObject *gram_repeats(PyObject *self, PyObject *args) {
  * those tied) times its count, 0 when every n-gram is unique: the numerator of
  * repetition.top_ngram_char_frac */
 static PyObject *top_gram_chars(PyObject *self, PyObject *args) {
-    PyObject *words, *obj;
-    Py_ssize_t n;
+    Py_ssize_t n, *lens;
     Ids ids;
     Grams g;
-    if (!PyArg_ParseTuple(args, "OOn", &words, &obj, &n) || get_ids(obj, &ids) < 0)
+    if (word_grams(args, &n, &ids, &g, &lens) < 0)
         return NULL;
-    Py_ssize_t *lens = word_lengths(words, ids.n);
-    if (!lens || grams_count(&ids, n, &g) < 0) {
-        free(lens);
-        PyBuffer_Release(&ids.view);
-        return NULL;
-    }
     Py_ssize_t best = -1, best_count = 1;
     for (Py_ssize_t i = 0; i < g.grams; i++) {  /* in order of first occurrence, as a Counter's */
         Py_ssize_t slot = g.gram_of[i];
@@ -827,18 +835,11 @@ static PyObject *top_gram_chars(PyObject *self, PyObject *args) {
 /* dup_gram_chars(words, ids, n) -> characters of the words covered by n-grams occurring twice or
  * more: the numerator of repetition.dup_ngram_char_frac */
 static PyObject *dup_gram_chars(PyObject *self, PyObject *args) {
-    PyObject *words, *obj;
-    Py_ssize_t n;
+    Py_ssize_t n, *lens;
     Ids ids;
     Grams g;
-    if (!PyArg_ParseTuple(args, "OOn", &words, &obj, &n) || get_ids(obj, &ids) < 0)
+    if (word_grams(args, &n, &ids, &g, &lens) < 0)
         return NULL;
-    Py_ssize_t *lens = word_lengths(words, ids.n);
-    if (!lens || grams_count(&ids, n, &g) < 0) {
-        free(lens);
-        PyBuffer_Release(&ids.view);
-        return NULL;
-    }
     long long chars = 0;
     Py_ssize_t covered_to = 0;  /* words before this index are counted */
     for (Py_ssize_t i = 0; i < g.grams; i++) {
@@ -1149,7 +1150,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "The gate's hot loops in C.", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_native", .m_doc = "The gate's hot loops in C.", .m_size = -1, .m_methods = methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&ChunkTableType) < 0)
