@@ -380,3 +380,16 @@ def test_bench_train_runs_engines_side_by_side_on_cpu(tmp_path):
     assert by_engine["hf-peft"]["losses"][0] == pytest.approx(by_engine["loraforge"]["losses"][0], rel=1e-5)
     assert "error" in by_engine["unsloth"]
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
+
+
+def test_profile_names_each_kernel_kind():
+    """`bench train --profile` groups GPU kernels by what they are (names as CUDA reports them)."""
+    from loraforge.bench.train_speed import kernel_kind
+
+    assert kernel_kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kernel_kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>") == "attention"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26") == "attention"
+    assert kernel_kind("Memcpy DtoH (Device -> Pinned)") == "copy / cast"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>") == "elementwise / reduce"
+    assert kernel_kind("_swiglu_backward_kernel") == "triton (liger, loss)"
+    assert kernel_kind("something else entirely") == "other"

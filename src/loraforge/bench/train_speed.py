@@ -228,8 +228,8 @@ KERNEL_KINDS = (
     ("attention", ("flash", "fmha", "attention")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")),
     ("copy / cast", ("copy", "memcpy", "memset", "cast", "convert", "cat", "fill")),
+    ("elementwise / reduce", ("at::native", "elementwise", "reduce", "foreach")),  # PyTorch's own kernels
     ("triton (liger, loss)", ("triton", "_kernel")),
-    ("elementwise / reduce", ("elementwise", "reduce", "vectorized", "unrolled", "foreach")),
 )
 
 
