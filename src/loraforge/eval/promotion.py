@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from loraforge.errors import ConfigError, PromotionFailed
-from loraforge.eval.metrics import PRIMARY, metric_names
+from loraforge.eval.metrics import PRIMARY, improved, metric_names
 
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": lambda a, b: math.isclose(a, b, rel_tol=0, abs_tol=1e-9)}
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z_]\w*)\s*(>=|<=|==|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
@@ -89,8 +89,8 @@ def check_requirements(requirements: list[Requirement], adapter: dict[str, float
 def better_than_base(task: str, base: dict[str, float], adapter: dict[str, float]) -> list[Check]:
     primary = PRIMARY[task]
     return [
-        Check(f"{primary} > base ({base[primary]:.4g})", adapter[primary], adapter[primary] > base[primary]),
-        Check(f"loss < base ({base['loss']:.4g})", adapter["loss"], adapter["loss"] < base["loss"]),
+        Check(f"{primary} > base ({base[primary]:.4g})", adapter[primary], improved(primary, base[primary], adapter[primary])),
+        Check(f"loss < base ({base['loss']:.4g})", adapter["loss"], improved("loss", base["loss"], adapter["loss"])),
     ]
 
 

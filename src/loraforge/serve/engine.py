@@ -268,17 +268,16 @@ class Engine(EngineBase):
 
 def create_engine(cfg, model, tokenizer, device: torch.device, metrics=None) -> EngineBase:
     """The engine ``cfg.engine`` (a ``ServeConfig``) asks for: auto = fast where it supports the model."""
-    if cfg.engine == "hf":  # neither the fast engine's import (Triton on GPUs) nor its model checks
-        return Engine(model, tokenizer, device, cfg.max_batch_size, cfg.max_queue, metrics)
-    from loraforge.serve.fast import FastEngine, unsupported_reason
+    if cfg.engine != "hf":  # hf: neither the fast engine's import (Triton on GPUs) nor its model checks
+        from loraforge.serve.fast import FastEngine, unsupported_reason
 
-    reason = unsupported_reason(model)
-    if cfg.engine == "fast" and reason:
-        from loraforge.errors import ServeError
+        reason = unsupported_reason(model)
+        if not reason:
+            return FastEngine(model, tokenizer, device, cfg.max_batch_size, cfg.max_queue, metrics,
+                              max_seq_len=cfg.max_seq_len, prefill_chunk=cfg.prefill_chunk, cuda_graphs=cfg.cuda_graphs)
+        if cfg.engine == "fast":
+            from loraforge.errors import ServeError
 
-        raise ServeError(f"serve.engine=fast cannot serve this model: {reason}; use serve.engine=hf")
-    if reason:
+            raise ServeError(f"serve.engine=fast cannot serve this model: {reason}; use serve.engine=hf")
         log.info("engine: hf (the fast engine does not serve %s)", reason)
-        return Engine(model, tokenizer, device, cfg.max_batch_size, cfg.max_queue, metrics)
-    return FastEngine(model, tokenizer, device, cfg.max_batch_size, cfg.max_queue, metrics,
-                      max_seq_len=cfg.max_seq_len, prefill_chunk=cfg.prefill_chunk, cuda_graphs=cfg.cuda_graphs)
+    return Engine(model, tokenizer, device, cfg.max_batch_size, cfg.max_queue, metrics)

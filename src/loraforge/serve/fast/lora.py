@@ -203,7 +203,6 @@ class AdapterBank:
 
     def __init__(self, weights: list[dict[str, GroupWeight]], dtype: torch.dtype, device: torch.device, mode: str = "fused"):
         self.weights, self.num_layers, self.dtype, self.device = weights, len(weights), dtype, device
-        self.dims = {group: (w.in_features, w.outs) for group, w in weights[0].items()}
         self.slots: dict[str, int] = {}  # adapter name -> slot (1..K-1)
         self.K, self.R = 1, 0
         self.A = [{group: w.weight[w.out : w.out] for group, w in layer.items()} for layer in weights]
@@ -221,6 +220,8 @@ class AdapterBank:
         if mode not in self.MODES:
             raise ValueError(f"lora mode {mode!r}: use one of {', '.join(self.MODES)}")
         self.mode = mode
+        # linear's per-step input: the slot of each row (gather; fused with the Triton kernel), or one-hot masks
+        self.by_slot = mode == "gather" or (mode == "fused" and self.triton)
         self.version += 1
 
     def slot_of(self, name: str | None) -> int:
@@ -232,11 +233,10 @@ class AdapterBank:
         if name in self.slots:
             raise AdapterError(f"adapter {name!r} is already loaded")
         for (layer, module), (a, b, _) in weights.modules.items():
-            group, _ = MODULE_GROUP[module]
-            fan_in, outs = self.dims[group]
-            out = outs[GROUPS[group].index(module)]
-            if layer >= self.num_layers or a.shape[1] != fan_in or b.shape[0] != out:
-                raise AdapterError(f"adapter {name!r}: layer {layer} {module} has shape A {tuple(a.shape)} B {tuple(b.shape)}, not this model's ({fan_in} -> {out})")
+            group, m = MODULE_GROUP[module]
+            w = self.weights[0][group]
+            if layer >= self.num_layers or a.shape[1] != w.in_features or b.shape[0] != w.outs[m]:
+                raise AdapterError(f"adapter {name!r}: layer {layer} {module} has shape A {tuple(a.shape)} B {tuple(b.shape)}, not this model's ({w.in_features} -> {w.outs[m]})")
         if self.empty:
             self.version += 1  # graphs captured without adapters have no LoRA in them
         used = set(self.slots.values())
@@ -245,7 +245,7 @@ class AdapterBank:
         self._clear_slot(slot)
         for (layer, module), (a, b, scale) in weights.modules.items():
             group, m = MODULE_GROUP[module]
-            outs = self.dims[group][1]
+            outs = self.weights[layer][group].outs
             col = sum(outs[:m])
             r = a.shape[0]
             rows = self._rows(m, slot)
@@ -301,7 +301,7 @@ class AdapterBank:
         """
         if self.empty:
             return None
-        if self.mode == "gather" or (self.mode == "fused" and self.triton):
+        if self.by_slot:
             return slot
         onehot = (slot[:, None] == torch.arange(self.K, device=slot.device)[None, :]).to(self.dtype)
         per_module = onehot[:, :, None].expand(-1, -1, self.R).reshape(slot.shape[0], self.K * self.R)

@@ -80,7 +80,6 @@ class SlotState:
 class LayerWeights:
     ln1: torch.Tensor
     ln2: torch.Tensor
-    groups: dict[str, GroupWeight]  # qkv [q + k + v, hidden], o, gate_up [2 * intermediate, hidden], down
 
 
 def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -149,13 +148,14 @@ class FusedLlama:
         self.embed = inner.embed_tokens.weight.detach()
         self.norm = inner.norm.weight.detach()
         self.lm_head = hf_model.lm_head.weight.detach()
-        self.layers = []
+        self.layers, groups = [], []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            groups = {"qkv": GroupWeight([attn.q_proj, attn.k_proj, attn.v_proj]), "o": GroupWeight([attn.o_proj]),
-                      "gate_up": GroupWeight([mlp.gate_proj, mlp.up_proj]), "down": GroupWeight([mlp.down_proj])}
-            self.layers.append(LayerWeights(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), groups))
-        self.lora = AdapterBank([layer.groups for layer in self.layers], self.dtype, self.device, lora_mode)  # it grows them
+            # qkv [q + k + v, hidden], o, gate_up [2 * intermediate, hidden], down: held by the bank
+            groups.append({"qkv": GroupWeight([attn.q_proj, attn.k_proj, attn.v_proj]), "o": GroupWeight([attn.o_proj]),
+                           "gate_up": GroupWeight([mlp.gate_proj, mlp.up_proj]), "down": GroupWeight([mlp.down_proj])})
+            self.layers.append(LayerWeights(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()))
+        self.lora = AdapterBank(groups, self.dtype, self.device, lora_mode)  # it grows them
         # cos/sin of every position, from the model's own rotary module (rope scaling included)
         with torch.no_grad():
             positions = torch.arange(cache_len, device=self.device)[None]
