@@ -4,6 +4,7 @@ Each test computes the same thing twice: with the extension, and with it switche
 modules' ``_native`` set to None, the path an install without a compiler takes).
 """
 
+import contextlib
 import json
 import random
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from loraforge.config import RepetitionConfig, load_config
 from loraforge.gate import dedup, pii, repetition
+from loraforge.models import chat
 from loraforge.gate.pipeline import RawRecord, rejected_row
 from loraforge.gate.verdict import Reason
 
@@ -25,14 +27,15 @@ junk = st.lists(st.sampled_from(PIECES), max_size=300).map("".join) | st.text(ma
 
 
 class _PythonOnly:
-    """Switches the extension off in both modules while in use."""
+    """Switches the extension off in the gate's modules and in token counters made while in use."""
 
     def __enter__(self):
-        self.saved = dedup._native, repetition._native, pii._native
+        self.saved = dedup._native, repetition._native, pii._native, chat._chunk_table
         dedup._native = repetition._native = pii._native = None
+        chat._chunk_table = lambda: None
 
     def __exit__(self, *exc):
-        dedup._native, repetition._native, pii._native = self.saved
+        dedup._native, repetition._native, pii._native, chat._chunk_table = self.saved
 
 
 def python_only():
@@ -133,7 +136,7 @@ def test_key_index_and_sketches_equal():
     probe = keys[::7] + [rng.getrandbits(64) for _ in range(500)]
     indexes = []
     for use_c in (True, False):
-        ctx = python_only() if not use_c else _Nothing()
+        ctx = python_only() if not use_c else contextlib.nullcontext()
         with ctx:
             index = dedup.KeyIndex(capacity=16)
             for value, key in enumerate(keys[:3000]):
@@ -153,14 +156,6 @@ def test_key_index_and_sketches_equal():
             assert fast == duplicates.jaccard(row, sketch)
 
 
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def test_gate_outputs_equal_with_and_without_c(tmp_path, tiny_tokenizer, alpaca_file):
     from loraforge.gate import run_gate
 
@@ -175,7 +170,7 @@ def test_gate_outputs_equal_with_and_without_c(tmp_path, tiny_tokenizer, alpaca_
     cfg = load_config(overrides={"gate.workers": 1, "gate.checks.pii.mode": "flag", "gate.checks.eval_overlap.files": [str(eval_file)]})
     results = []
     for use_c in (True, False):
-        with _Nothing() if use_c else python_only():
+        with contextlib.nullcontext() if use_c else python_only():
             out = tmp_path / f"out_{use_c}"
             report = run_gate([data], out, cfg, tokenizer=tiny_tokenizer)
             results.append(((out / "kept.jsonl").read_bytes(), (out / "rejected.jsonl").read_bytes(), report.reasons))

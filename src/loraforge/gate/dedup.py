@@ -302,8 +302,9 @@ class EvalOverlapCheck:
         self.n = n
         keys = [ngram_hashes(word_hashes(normalized_text(m).split()), n) for m in eval_messages]
         self.keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.uint64)
-        # the same keys as a set: ``isdisjoint`` clears most samples ~3x faster than the sorted search
-        self.key_set = frozenset(self.keys.tolist())
+        # without the C search, the same keys as a set: ``isdisjoint`` clears most samples ~3x
+        # faster than the sorted search
+        self.key_set = frozenset(self.keys.tolist()) if _native is None else None
 
     def __call__(self, sample: Sample) -> Reject | None:
         _, words, hashes = sample_features(sample)
@@ -319,6 +320,8 @@ class EvalOverlapCheck:
         """Index of the first of ``grams`` among the eval keys, or -1."""
         if _native is not None:  # a binary search per n-gram in C
             return _native.first_member(grams, self.keys)
+        if self.key_set is None:  # built with the extension, which was switched off since (tests)
+            self.key_set = frozenset(self.keys.tolist())
         if self.key_set.isdisjoint(grams.tolist()):
             return -1
         slots = np.minimum(np.searchsorted(self.keys, grams), len(self.keys) - 1)

@@ -155,11 +155,15 @@ def _byte_level_alphabet() -> dict[int, str]:
 
 
 class _ChunkCounts(dict):
-    def __init__(self, count):
+    """text -> its token count, counted on first use; cleared when it reaches ``max_size``."""
+
+    def __init__(self, count, max_size: int):
         super().__init__()
-        self.count = count
+        self.count, self.max_size = count, max_size
 
     def __missing__(self, chunk: str) -> int:
+        if len(self) >= self.max_size:
+            self.clear()
         value = self[chunk] = self.count(chunk)
         return value
 
@@ -211,12 +215,12 @@ class TokenCounter:
             # a space followed by whitespace (Unicode White_Space, as the tokenizer's \\s)
             self._space_then_space = re.compile(f" [{_WHITE_SPACE}]")
             # " " + chunk -> its token count: ``map(self.chunks.__getitem__, ...)`` runs in C once known
-            self.chunks = _ChunkCounts(lambda chunk: self._count_pieces(" " + chunk))
+            self.chunks = _ChunkCounts(lambda chunk: self._count_pieces(" " + chunk), max_cache)
             # the same counts in the C extension's table, which cuts and sums without str objects
             self.chunk_table = _chunk_table()
             # texts with other whitespace: cut at whitespace-run borders (GPT-2's pattern only, see _segments)
             self.segments = _segments_regex() if self.split.pattern == _GPT2_SPLIT else None
-            self.segment_counts = _ChunkCounts(self._count_pieces)  # text -> its token count
+            self.segment_counts = _ChunkCounts(self._count_pieces, max_cache)  # text -> its token count
 
     def _pre_tokenizer_regex(self):
         import json
@@ -274,19 +278,18 @@ class TokenCounter:
 
     def _count_part(self, part: str) -> int:
         """Tokens of text without added tokens."""
-        if self.chunk_table is not None and (counted := self._count_chunks_native(part)) is not None:
-            return counted
-        if part.endswith(" ") or self._space_then_space.search(part):
+        if self.chunk_table is not None:
+            counted = self._count_chunks_native(part)
+            if counted is not None:
+                return counted
+            needs_segments = True  # the table saw a space before whitespace, or a trailing one
+        else:
+            needs_segments = part.endswith(" ") or self._space_then_space.search(part)
+        if needs_segments:
             if self.segments is None:
                 return self._count_pieces(part)
-            if len(self.segment_counts) >= self.max_cache:
-                self.segment_counts.clear()
             return sum(map(self.segment_counts.__getitem__, self.segments.findall(part)))
-        if len(self.segment_counts) >= self.max_cache:
-            self.segment_counts.clear()
         first, *rest = part.split(" ")  # first: the text before the first space, counted alone
-        if len(self.chunks) >= self.max_cache:
-            self.chunks.clear()
         return self.segment_counts[first] + sum(map(self.chunks.__getitem__, rest))
 
     def _count_chunks_native(self, part: str) -> int | None:
@@ -303,8 +306,6 @@ class TokenCounter:
             count = self._count_pieces(" " + chunk)
             table.add(chunk, count)
             n += count
-        if len(self.segment_counts) >= self.max_cache:
-            self.segment_counts.clear()
         return n + self.segment_counts[part[:first_end]]
 
     def _count_pieces(self, text: str) -> int:
