@@ -393,3 +393,26 @@ def test_profile_names_each_kernel_kind():
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>") == "elementwise / reduce"
     assert kernel_kind("_swiglu_backward_kernel") == "triton (liger, loss)"
     assert kernel_kind("something else entirely") == "other"
+
+
+def test_a_head_with_a_bias_goes_through_the_models_own_logits(samples):
+    """A head that is more than a matmul (here a bias) is not bypassed: the loss is the one of
+    the model's own logits, with or without the fused loss asked for."""
+    from loraforge.models import build_tiny_llama
+    from loraforge.train.batch import token_loss_sum
+    from loraforge.train.loss import head_is_matmul
+
+    model, _ = build_tiny_llama(seed=9)
+    assert head_is_matmul(model)
+    head = model.lm_head
+    model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head.weight)
+        model.lm_head.bias.normal_()
+    assert not head_is_matmul(model)
+    batch = collate([samples[:3]], 0)
+    with torch.no_grad():
+        expected = token_loss_sum(model(input_ids=batch.input_ids, **batch.model_kwargs()).logits, batch.labels)
+        for fused in (False, True):
+            got = CausalLMLoss(model, fused)(input_ids=batch.input_ids, labels=batch.labels, **batch.model_kwargs())
+            torch.testing.assert_close(got, expected)

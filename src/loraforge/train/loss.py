@@ -99,6 +99,9 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model  # the PEFT model (saved as is)
         self.fused = fused
+        # a head that is more than a matmul (a bias, Gemma's logit soft-capping, Cohere's or
+        # Granite's logit scale) goes through the model's own forward and its logits
+        self.head_is_matmul = head_is_matmul(self.get_base_model())
 
     def get_base_model(self):
         """The transformers model inside (LoRA layers injected), as PEFT names it."""
@@ -106,6 +109,11 @@ class CausalLMLoss(torch.nn.Module):
 
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None, **attention_kwargs):
         causal_lm = self.get_base_model()
+        if not self.head_is_matmul:
+            from loraforge.train.batch import token_loss_sum
+
+            logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **attention_kwargs).logits
+            return token_loss_sum(logits, labels)
         hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **attention_kwargs).last_hidden_state
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = labels[:, 1:].reshape(-1)
@@ -113,3 +121,10 @@ class CausalLMLoss(torch.nn.Module):
         if self.fused:
             return fused_loss_sum(hidden, weight, targets)
         return plain_loss_sum(hidden, weight, targets)
+
+
+def head_is_matmul(causal_lm) -> bool:
+    """The model's logits are ``hidden @ lm_head.weight.T`` and nothing else."""
+    config = causal_lm.config
+    scaled = any(getattr(config, name, None) not in (None, 1, 1.0) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return not scaled and getattr(causal_lm.lm_head, "bias", None) is None

@@ -74,8 +74,8 @@ def wrap_lora(model, cfg: TrainConfig, checkpointing: bool):
     # (norms, embeddings, the LM head: 2 GiB more for an 8B Llama, and fp32 hidden states after
     # each norm); bf16 compute keeps them as loaded. The frozen base is frozen by get_peft_model.
     if checkpointing:
-        # non-reentrant checkpointing: the kind DDP and FSDP work with (train.memory may switch
-        # single layers off or to the offloading variant)
+        # every layer set up for checkpointing; train.memory.apply then switches single layers
+        # off and gives the others its own recompute function (offloading or not)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = cfg.lora
