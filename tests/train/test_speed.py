@@ -416,3 +416,26 @@ def test_a_head_with_a_bias_goes_through_the_models_own_logits(samples):
         for fused in (False, True):
             got = CausalLMLoss(model, fused)(input_ids=batch.input_ids, labels=batch.labels, **batch.model_kwargs())
             torch.testing.assert_close(got, expected)
+
+
+def test_the_training_forward_builds_no_kv_cache(samples):
+    """A training forward keeps no KV cache: with the config's default (use_cache=True)
+    transformers would build one, concatenating every layer's K and V into it (a copy of each)."""
+    from loraforge.models import build_tiny_llama
+
+    model, _ = build_tiny_llama(seed=3)
+    assert model.config.use_cache
+    batch = collate([samples[:2]], 0)
+
+    def cats(forward) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            forward()
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::cat")
+
+    kwargs = batch.model_kwargs()
+    without_cache = cats(lambda: model.model(input_ids=batch.input_ids, use_cache=False, **kwargs))
+    assert cats(lambda: model.model(input_ids=batch.input_ids, **kwargs)) == without_cache + 2 * model.config.num_hidden_layers
+    for head_is_matmul in (True, False):
+        loss_module = CausalLMLoss(model, fused=False)
+        loss_module.head_is_matmul = head_is_matmul
+        assert cats(lambda: loss_module(input_ids=batch.input_ids, labels=batch.labels, **kwargs)) == without_cache

@@ -91,6 +91,42 @@ def test_offloaded_checkpoint_on_gpu():
         torch.testing.assert_close(a, b)
 
 
+def test_offloaded_layers_fetch_ahead_and_match_on_gpu():
+    """Several offloaded layers in a row, two steps: each layer's backward copies the previous
+    layer's input back ahead of time, gradients equal the plain run's, and nothing offloaded
+    outlives the graph."""
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(), torch.nn.Linear(256, 128)) for _ in range(4)).cuda()
+    x = torch.randn(32, 128, device="cuda", requires_grad=True)
+    fetched_ahead = []
+    original_fetch = memory._Offloaded.fetch
+
+    def watch(self):
+        fetched_ahead.append(self.back is None and self.cpu is not None)
+        original_fetch(self)
+
+    grads = []
+    memory._Offloaded.fetch = watch
+    try:
+        for offloaded in (False, True, True):
+            layers.zero_grad()
+            x.grad = None
+            h = x
+            for layer in layers:
+                h = memory.offloaded_checkpoint(layer, h) if offloaded else layer(h)
+            (h * h).sum().backward()
+            grads.append([x.grad.clone()] + [p.grad.clone() for p in layers.parameters()])
+    finally:
+        memory._Offloaded.fetch = original_fetch
+    for plain, offloaded in zip(grads[0], grads[1]):
+        torch.testing.assert_close(plain, offloaded)
+    for first, second in zip(grads[1], grads[2]):
+        torch.testing.assert_close(first, second)
+    # per step: 4 fetches started ahead (the last layer's at its own backward, 3 ahead), no second copy
+    assert fetched_ahead.count(True) == 8
+    assert len(memory._last_offloaded) == 0
+
+
 def test_run_with_every_lever_matches_the_plain_run_on_gpu(tiny_model_dir, demo_kept, tmp_path):
     off = {"train.attention": "sdpa", "train.fused_loss": False, "train.gradient_checkpointing": False, "train.dtype": "bf16"}
     on = {"train.attention": "auto", "train.fused_loss": True, "train.gradient_checkpointing": True, "train.offload_activations": True, "train.dtype": "bf16"}

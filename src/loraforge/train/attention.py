@@ -72,7 +72,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     samples, tokens = cu.shape[0] - 1, query.shape[2]
     if samples * max_len == tokens:  # no sample is shorter than the longest: whole rows
         return _sdpa_rows(query, key, value, samples, scaling), None
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (T, H, D)
+    q, k, v = (t.squeeze(0).transpose(0, 1).contiguous() for t in (query, key, value))  # (T, H, D)
     if q.is_cuda:
         out = _flash_varlen(q, k, v, cu, max_len, scaling)
     else:
@@ -112,7 +112,11 @@ def _sdpa_rows(query, key, value, samples: int, scale):
     """(1, H, samples x L, D) of equal-length samples -> (1, samples x L, H, D), causal per sample."""
     from torch.nn.attention import sdpa_kernel
 
-    q, k, v = (t[0].unflatten(1, (samples, -1)).transpose(0, 1) for t in (query, key, value))  # (n, H, L, D) views
+    # views throughout, squeeze rather than [0]: indexing's backward writes the gradient into a
+    # fresh zero tensor in (1, H, T, D) order, which the rope's backward then copies again to
+    # its own order; a view's backward keeps the attention kernel's gradient layout (H200, 8B
+    # shape: ~9 ms of copies a step)
+    q, k, v = (t.squeeze(0).unflatten(1, (samples, -1)).transpose(0, 1) for t in (query, key, value))  # (n, H, L, D)
     gqa = k.shape[1] != q.shape[1]
     if q.is_cuda:
         with sdpa_kernel(_row_backends(), set_priority=True):

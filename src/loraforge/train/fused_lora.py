@@ -48,6 +48,14 @@ def _dense_weight(base) -> torch.Tensor:
     return bnbf.dequantize_4bit(weight.data, state)
 
 
+def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(m1 @ m2).to(dtype)``; on CUDA a bf16/fp16 product wanted in fp32 comes out of the
+    GEMM in fp32 (``out_dtype``): one kernel, and no rounding to 16 bits on the way."""
+    if dtype == torch.float32 and m1.dtype in (torch.bfloat16, torch.float16) and m1.is_cuda:
+        return torch.mm(m1, m2, out_dtype=dtype)
+    return (m1 @ m2).to(dtype)
+
+
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, scale: float, base, value_unused: bool = False):
@@ -62,18 +70,20 @@ class LoraLinearFunction(torch.autograd.Function):
         else:
             y = x2 @ _dense_weight(base).to(x.dtype).T
             y.addmm_(h, b.T, alpha=scale)
-        ctx.save_for_backward(x2, h, A, B)
-        ctx.scale, ctx.base, ctx.shape = scale, base, shape
+        # the compute-dtype copies of A and B, not the parameters: backward does not cast again
+        ctx.save_for_backward(x2, h, a, b)
+        ctx.scale, ctx.base, ctx.shape, ctx.dtypes = scale, base, shape, (A.dtype, B.dtype)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, h, A, B = ctx.saved_tensors
+        x2, h, a, b = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])
-        a, b = A.to(g.dtype), B.to(g.dtype)
-        grad_h = (g @ b).mul_(ctx.scale)  # (tokens, r)
-        grad_B = (g.T @ h).mul_(ctx.scale).to(B.dtype) if ctx.needs_input_grad[2] else None
-        grad_A = (grad_h.T @ x2).to(A.dtype) if ctx.needs_input_grad[1] else None
+        scale, (a_dtype, b_dtype) = ctx.scale, ctx.dtypes
+        # the scale rides in the GEMM (alpha) instead of a pass over its output
+        grad_h = torch.addmm(h, g, b, beta=0, alpha=scale)  # (tokens, r); h only gives the shape
+        grad_B = _mm_to(g.T, h, b_dtype).mul_(scale) if ctx.needs_input_grad[2] else None
+        grad_A = _mm_to(grad_h.T, x2, a_dtype) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ _dense_weight(ctx.base).to(g.dtype)

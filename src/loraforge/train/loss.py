@@ -112,9 +112,12 @@ class CausalLMLoss(torch.nn.Module):
         if not self.head_is_matmul:
             from loraforge.train.batch import token_loss_sum
 
-            logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **attention_kwargs).logits
+            logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **attention_kwargs).logits
             return token_loss_sum(logits, labels)
-        hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **attention_kwargs).last_hidden_state
+        # use_cache=False: the config's default (True) builds a KV cache, copying every layer's K and V
+        hidden = causal_lm.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **attention_kwargs
+        ).last_hidden_state
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = labels[:, 1:].reshape(-1)
         weight = causal_lm.lm_head.weight
