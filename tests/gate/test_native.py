@@ -312,3 +312,138 @@ def test_chunk_table_refuses_exactly_the_texts_of_the_whitespace_path(text):
 
     needs_segments = text.endswith(" ") or re.search(f" [{_WHITE_SPACE}]", text) is not None
     assert (native.ChunkTable().count(text) is None) == needs_segments
+
+
+WS_PIECES = [" ", "  ", "   ", " \n", "\n", "\n\n", "\t", " \t", "\r\n", "\u00a0", " \u00a0", "\u3000", " \u3000", "\u2003",
+             "\x85", "\x1c", "\u200b", "a", "word", " word", "'s", "12", "é", "日本", "\U0001f600", "!", "...", "-"]
+ws_junk = st.lists(st.sampled_from(WS_PIECES), max_size=50).map("".join) | st.text(max_size=120)
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=ws_junk)
+def test_segments_cut_in_c_equal_the_regex(text):
+    # an empty table knows no segment: it hands every one back, in order
+    assert native.ChunkTable().count_segments(text) == (0, chat._segments_regex().findall(text))
+
+
+@pytest.fixture(scope="module")
+def counters(embedded_tokenizer):
+    """Token counters with the C tables and without them (python_only), kept across examples."""
+    fast = chat.TokenCounter(embedded_tokenizer, verify_first=0)
+    with python_only():
+        slow = chat.TokenCounter(embedded_tokenizer, verify_first=0)
+    assert fast.segment_table is not None and slow.chunk_table is None and slow.segment_table is None
+    return fast, slow
+
+
+WS_TEXTS = ["two  spaces", "line \nbreak", "trailing ", "trailing  ", " ", "  ", "\t tab\t", "a \tb", "wide\u3000space",
+            "nb\u00a0sp", "x \u00a0y", "x \u3000 y", "end \u3000", "\n\n  code:\n    indent  \n", "日本  語 ", "é  é\t\té ",
+            "<|im_start|>user\nhi  there <|im_end|>\n<|im_start|>assistant\n ok \n<|im_end|>"]
+
+
+def test_segment_counts_in_c_equal_python_and_full_encoding(counters):
+    fast, slow = counters
+    rng = random.Random(4)
+    texts = WS_TEXTS + ["".join(rng.choices(WS_PIECES, k=rng.randint(1, 80))) for _ in range(2000)]
+    for text in texts + texts[:50]:  # the second time from the tables
+        assert fast(text) == slow(text) == fast.exact(text), repr(text)
+    assert len(fast.segment_table) > 100
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=ws_junk | junk)
+def test_segment_counts_in_c_equal_python_on_junk(counters, text):
+    fast, slow = counters
+    assert fast(text) == slow(text) == fast.exact(text)
+
+
+def test_segment_table_counts_after_clearing(embedded_tokenizer):
+    small = chat.TokenCounter(embedded_tokenizer, verify_first=0, max_cache=20)  # cleared over and over
+    rng = random.Random(5)
+    for _ in range(300):
+        text = "".join(rng.choices(WS_PIECES, k=rng.randint(1, 60)))
+        assert small(text) == small.exact(text), repr(text)
+    assert len(small.segment_table) < 200  # bounded: cleared at 20, then one text's segments
+
+
+def _near_queries(rng: random.Random, num_perm: int, kept: int, queries: int):
+    """Kept samples and queries: sketches mutated from a few bases (similarities spread from 0 to 1),
+    band keys from a small pool (collisions, several bands naming the same kept sample, keys 0 and 1)."""
+    bases = [bytes(rng.getrandbits(8) for _ in range(num_perm)) for _ in range(4)]
+    pool = [0, 1, *(rng.getrandbits(64) for _ in range(kept // 2))]
+
+    def sample():
+        base, keep = bytearray(rng.choice(bases)), rng.random()
+        for p in range(num_perm):
+            if rng.random() > keep:
+                base[p] = rng.getrandbits(8)
+        return [rng.choice(pool) for _ in range(rng.randint(0, 10))], bytes(base)
+
+    return [sample() for _ in range(kept)], [sample() for _ in range(queries)]
+
+
+def _check_both_ways(index: dedup.DuplicateIndex, near) -> tuple:
+    fast = index.check(None, near)
+    with python_only():
+        slow = index.check(None, near)
+    bits = [hit and (hit[1], float(hit[2]).hex()) for hit in (fast, slow)]  # numpy's float64 without C
+    assert fast == slow and bits[0] == bits[1]  # the same hit, the same float to the last bit
+    return fast
+
+
+@pytest.mark.parametrize("num_perm", [16, 128])
+def test_near_check_in_c_equals_python(num_perm):
+    rng = random.Random(num_perm)
+    kept, queries = _near_queries(rng, num_perm, 1500, 1500)  # past the 1024 first sketch rows: the matrix grows
+    for threshold in (0.85, 0.5, 0.1):
+        index = dedup.DuplicateIndex(False, True, threshold, num_perm)
+        assert all(_check_both_ways(index, q) is None for q in queries[:20])  # empty index
+        expected = np.zeros((len(kept), num_perm), dtype=np.uint8)
+        hits = 0
+        for ordinal, (bands, sketch) in enumerate(kept):
+            hits += _check_both_ways(index, (bands, sketch)) is not None
+            index.add(ordinal, None, (bands, sketch))
+            expected[ordinal] = np.frombuffer(sketch, dtype=np.uint8)
+        assert np.array_equal(index.sketches[: len(kept)], expected)
+        hits += sum(_check_both_ways(index, q) is not None for q in queries)
+        assert 0 < hits < len(kept) + len(queries)
+
+
+def test_near_check_at_the_threshold():
+    rng = random.Random(7)
+    base = bytes(rng.getrandbits(8) for _ in range(128))
+    index = dedup.DuplicateIndex(False, True, 0.85)
+    # kept samples 0..3 equal the query in 0, 100, 110 and 120 of 128 bytes; bands 10..13 name them,
+    # band 20 names sample 1 again
+    for ordinal, equal in enumerate([0, 100, 110, 120]):
+        sketch = base[:equal] + bytes((b + 1) % 256 for b in base[equal:])
+        index.add(ordinal, None, ([10 + ordinal, 20], sketch))
+    for equal in (0, 100, 110, 120, 127, 128):
+        at = max(0.0, (equal / 128 - 1 / 256) / (1 - 1 / 256))
+        for threshold in (at, np.nextafter(at, 0.0), np.nextafter(at, 2.0), 0.0, 1.0):
+            index.threshold = float(threshold)
+            for bands in ([10, 11, 12, 13], [13, 12, 11, 10], [20, 11, 11, 20, 12], [11] * 80 + [13], [99], []):
+                _check_both_ways(index, (bands, base))
+    index.threshold = 0.0  # the first candidate, even at similarity 0.0
+    assert _check_both_ways(index, ([10, 13], base)) == (Reason.NEAR_DUPLICATE, 0, 0.0)
+
+
+def test_sketch_rows_follow_a_matrix_replaced_from_outside():
+    index = dedup.DuplicateIndex(False, True, 0.85, num_perm=16)
+    index.add(0, None, ([1], bytes(range(16))))
+    index.sketches = np.zeros((4, 16), dtype=np.uint8)
+    index.add(2, None, ([2], bytes(range(16, 32))))
+    assert index.sketches[2].tobytes() == bytes(range(16, 32))
+    assert _check_both_ways(index, ([2], bytes(range(16, 32)))) == (Reason.NEAR_DUPLICATE, 2, 1.0)
+
+
+def test_near_check_past_64_candidates():
+    rng = random.Random(8)
+    query = bytes(rng.getrandbits(8) for _ in range(128))
+    index = dedup.DuplicateIndex(False, True, 0.85)
+    for ordinal in range(100):  # dissimilar kept samples, the last a near duplicate
+        sketch = query if ordinal == 99 else bytes(rng.getrandbits(8) for _ in range(128))
+        index.add(ordinal, None, ([1000 + ordinal], sketch))
+    bands = [1000 + k for k in range(99)] * 2 + [1000 + 5, 1000 + 99]  # repeats of candidates past the 64 remembered
+    assert _check_both_ways(index, (bands, query)) == (Reason.NEAR_DUPLICATE, 99, 1.0)
+    assert _check_both_ways(index, (bands[:-1], query)) is None

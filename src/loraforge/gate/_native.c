@@ -15,7 +15,8 @@
  *   char_run_start(text, ...)      repetition.char_run's scan
  *   key_get_all / key_add_all / key_rehash   dedup.KeyIndex lookups, inserts and growth
  *   count_equal(rows, row, sketch) dedup.DuplicateIndex.jaccard's count of equal sketch bytes
- *   ChunkTable                     models.chat.TokenCounter's per-chunk token counts
+ *   near_check(...)                dedup.DuplicateIndex.check's near path: probe, dedupe, compare
+ *   ChunkTable                     models.chat.TokenCounter's per-chunk and per-segment token counts
  *   words(text)                    re.findall(r"\w+", text), for repetition.words_of and dedup
  *   dup_lines(text)                repetition.dup_line_frac's counts, for ASCII text
  *   word_ids(words)                repetition._Screen: word ids, the recurring-word mask, bounds
@@ -416,6 +417,74 @@ static PyObject *count_equal(PyObject *self, PyObject *args) {
         result = PyLong_FromSsize_t(equal);
     }
     PyBuffer_Release(&rows);
+    PyBuffer_Release(&sketch);
+    return result;
+}
+
+/* near_check(keys, values, sketches, bands, sketch, threshold) -> (ordinal, similarity) or None:
+ * DuplicateIndex.check's near path in one call. The kept samples that share a band key with the
+ * sample, in band order, each once; the first whose b-bit MinHash similarity to `sketch`
+ * (DuplicateIndex.jaccard's float, the same operations in double) reaches the threshold.
+ * keys, values: KeyIndex's table; sketches: its C-contiguous uint8 matrix, one sketch a row. */
+static PyObject *near_check(PyObject *self, PyObject *args) {
+    PyObject *keys, *values, *rows_obj, *bands;
+    Py_buffer rows, sketch;
+    double threshold;
+    Table t;
+    if (!PyArg_ParseTuple(args, "OOOO!y*d", &keys, &values, &rows_obj, &PyList_Type, &bands, &sketch, &threshold))
+        return NULL;
+    if (table_open(keys, values, 0, &t) < 0) {
+        PyBuffer_Release(&sketch);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(rows_obj, &rows, PyBUF_C_CONTIGUOUS) < 0) {
+        table_close(&t);
+        PyBuffer_Release(&sketch);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    uint32_t tried[64];  /* candidates already compared; past 64 a repeat is compared again, with the same result */
+    Py_ssize_t n_tried = 0;
+    const unsigned char *b = sketch.buf;
+    if (rows.ndim != 2 || rows.itemsize != 1 || rows.shape[1] != sketch.len || sketch.len == 0) {
+        PyErr_SetString(PyExc_ValueError, "expected a uint8 matrix of sketches as wide as the sketch");
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(bands); k++) {
+        uint64_t key;
+        if (table_key(PyList_GET_ITEM(bands, k), &key) < 0)
+            goto done;
+        Py_ssize_t i = table_slot(&t, key);
+        if (((const uint64_t *)t.keys.buf)[i] != key)
+            continue;
+        uint32_t ordinal = ((const uint32_t *)t.values.buf)[i];
+        int seen = 0;
+        for (Py_ssize_t j = 0; j < n_tried && !seen; j++)
+            seen = tried[j] == ordinal;
+        if (seen)
+            continue;
+        if (n_tried < 64)
+            tried[n_tried++] = ordinal;
+        if (ordinal >= rows.shape[0]) {
+            PyErr_SetString(PyExc_IndexError, "sketch row out of range");
+            goto done;
+        }
+        const unsigned char *a = (const unsigned char *)rows.buf + (Py_ssize_t)ordinal * sketch.len;
+        Py_ssize_t equal = 0;
+        for (Py_ssize_t p = 0; p < sketch.len; p++)
+            equal += a[p] == b[p];
+        /* max(0.0, (equal / len - 1 / 256) / (1 - 1 / 256)): both constants are exact in double */
+        double similarity = ((double)equal / (double)sketch.len - 1.0 / 256) / (1.0 - 1.0 / 256);
+        similarity = similarity > 0.0 ? similarity : 0.0;
+        if (similarity >= threshold) {
+            result = Py_BuildValue("Id", (unsigned int)ordinal, similarity);
+            goto done;
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&rows);
+    table_close(&t);
     PyBuffer_Release(&sketch);
     return result;
 }
@@ -1022,6 +1091,21 @@ static int white_space(Py_UCS4 c) {
            c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f || c == 0x3000;
 }
 
+/* Adds the count of text[start:end] to *total where the table knows it, else appends that
+ * substring to missing (for the caller to count and add). -1 on error. */
+static int chunk_lookup(ChunkTable *t, PyObject *text, int kind, const void *data, Py_ssize_t start, Py_ssize_t end,
+                        long long *total, PyObject *missing) {
+    ChunkSlot *slot = chunk_find(t, chunk_hash(kind, data, start, end - start), kind, data, start, end - start);
+    if (slot->hash) {
+        *total += slot->count;
+        return 0;
+    }
+    PyObject *chunk = PyUnicode_Substring(text, start, end);
+    int failed = !chunk || PyList_Append(missing, chunk) < 0;
+    Py_XDECREF(chunk);
+    return failed ? -1 : 0;
+}
+
 static PyObject *chunk_table_count(ChunkTable *t, PyObject *text) {
     if (!PyUnicode_Check(text))
         return PyErr_Format(PyExc_TypeError, "expected str");
@@ -1044,21 +1128,57 @@ static PyObject *chunk_table_count(ChunkTable *t, PyObject *text) {
         Py_ssize_t start = i + 1, end = start;
         while (end < n && PyUnicode_READ(kind, data, end) != ' ')
             end++;
-        ChunkSlot *slot = chunk_find(t, chunk_hash(kind, data, start, end - start), kind, data, start, end - start);
-        if (slot->hash)
-            total += slot->count;
-        else {
-            PyObject *chunk = PyUnicode_Substring(text, start, end);
-            if (!chunk || PyList_Append(missing, chunk) < 0) {
-                Py_XDECREF(chunk);
-                Py_DECREF(missing);
-                return NULL;
-            }
-            Py_DECREF(chunk);
+        if (chunk_lookup(t, text, kind, data, start, end, &total, missing) < 0) {
+            Py_DECREF(missing);
+            return NULL;
         }
         i = end - 1;
     }
     PyObject *result = Py_BuildValue("LOn", total, missing, first_end);
+    Py_DECREF(missing);
+    return result;
+}
+
+/* The end of the piece of models.chat._segments_regex() that starts at i < n, the same leftmost
+ * alternative: " ?[^ws]+" (a space joins the word it leads); "[ws]+(?![^ws])", a whitespace run
+ * to the end of the text, else all of it but its last character; "[ws]" where the run is one
+ * character before a non-space. */
+static Py_ssize_t segment_end(int kind, const void *data, Py_ssize_t n, Py_ssize_t i) {
+    Py_UCS4 c = PyUnicode_READ(kind, data, i);
+    Py_ssize_t j = i + 1;
+    if (!white_space(c) || (c == ' ' && j < n && !white_space(PyUnicode_READ(kind, data, j)))) {
+        while (j < n && !white_space(PyUnicode_READ(kind, data, j)))
+            j++;
+        return j;
+    }
+    while (j < n && white_space(PyUnicode_READ(kind, data, j)))
+        j++;
+    if (j == n)
+        return n;
+    return j - 1 > i ? j - 1 : j;
+}
+
+/* count_segments(text) -> (sum of the known segments' counts, the unknown segments): text cut as
+ * _segments_regex().findall cuts it. For a table of its own, keyed by segments counted as they
+ * are (the chunk table's keys are counted with a space before them). */
+static PyObject *chunk_table_count_segments(ChunkTable *t, PyObject *text) {
+    if (!PyUnicode_Check(text))
+        return PyErr_Format(PyExc_TypeError, "expected str");
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    long long total = 0;
+    PyObject *missing = PyList_New(0);
+    if (!missing)
+        return NULL;
+    for (Py_ssize_t i = 0, end; i < n; i = end) {
+        end = segment_end(kind, data, n, i);
+        if (chunk_lookup(t, text, kind, data, i, end, &total, missing) < 0) {
+            Py_DECREF(missing);
+            return NULL;
+        }
+    }
+    PyObject *result = Py_BuildValue("LO", total, missing);
     Py_DECREF(missing);
     return result;
 }
@@ -1111,6 +1231,8 @@ static Py_ssize_t chunk_table_len(ChunkTable *t) { return t->size; }
 static PyMethodDef chunk_table_methods[] = {
     {"count", (PyCFunction)chunk_table_count, METH_O,
      "count(text) -> (sum of the known chunks' counts, the unknown chunks, index of the first space or len(text)), or None"},
+    {"count_segments", (PyCFunction)chunk_table_count_segments, METH_O,
+     "count_segments(text) -> (sum of the known whitespace-run segments' counts, the unknown segments)"},
     {"add", (PyCFunction)chunk_table_add, METH_VARARGS, "add(chunk, count): remember a chunk's token count"},
     {"clear", (PyCFunction)chunk_table_clear, METH_NOARGS, "forget every chunk"},
     {NULL, NULL, 0, NULL},
@@ -1140,6 +1262,8 @@ static PyMethodDef methods[] = {
     {"key_add_all", key_add_all, METH_VARARGS, "key_add_all(keys, values, new_keys, value) -> how many were added"},
     {"key_rehash", key_rehash, METH_VARARGS, "key_rehash(keys, values, old_keys, old_values) -> entries moved"},
     {"count_equal", count_equal, METH_VARARGS, "count_equal(rows, row, sketch) -> equal bytes"},
+    {"near_check", near_check, METH_VARARGS,
+     "near_check(keys, values, sketches, bands, sketch, threshold) -> (ordinal, similarity) of the first near duplicate, or None"},
     {"words", words, METH_O, "words(text) -> re.findall(r'\\w+', text)"},
     {"dup_lines", dup_lines, METH_O, "dup_lines(ascii_text) -> (distinct, lines) of three words or more"},
     {"word_ids", word_ids, METH_VARARGS, "word_ids(words) -> (ids, repeated, top_word_chars, total_chars, repeated_chars)"},

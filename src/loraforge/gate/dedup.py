@@ -261,6 +261,8 @@ class DuplicateIndex:
         self.near = KeyIndex() if near else None
         self.threshold = threshold
         self.sketches = np.zeros((1024, num_perm), dtype=np.uint8) if near else None
+        # the same memory as flat bytes: a row written by slice assignment, ~10x cheaper than numpy's
+        self._rows = memoryview(self.sketches).cast("B") if near else None
 
     def jaccard(self, ordinal: int, sketch: bytes) -> float:
         # a count over num_perm: the same float as np.mean of the comparison, ~5x faster
@@ -276,6 +278,9 @@ class DuplicateIndex:
             return Reason.EXACT_DUPLICATE, hit, 1.0
         if self.near is not None and near:
             bands, sketch = near
+            if _native is not None:  # the probes, the comparisons and the threshold in one call
+                hit = _native.near_check(self.near.keys, self.near.values, self.sketches, bands, sketch, self.threshold)
+                return None if hit is None else (Reason.NEAR_DUPLICATE, *hit)
             for candidate in dict.fromkeys(self.near.get_all(bands)):
                 similarity = self.jaccard(candidate, sketch)
                 if similarity >= self.threshold:
@@ -289,7 +294,10 @@ class DuplicateIndex:
             bands, sketch = near
             if ordinal >= len(self.sketches):
                 self.sketches = np.concatenate([self.sketches, np.zeros_like(self.sketches)])
-            self.sketches[ordinal] = np.frombuffer(sketch, dtype=np.uint8)
+            if self._rows.obj is not self.sketches:  # grown, or replaced from outside
+                self._rows = memoryview(self.sketches).cast("B")
+            width = self.sketches.shape[1]
+            self._rows[ordinal * width : (ordinal + 1) * width] = sketch
             self.near.add_all(bands, ordinal)
 
 

@@ -195,8 +195,8 @@ class TokenCounter:
     space of a text is followed by a non-space, ``text.split(" ")`` cuts it only at pre-token
     boundaries, and its count is the sum of cached counts of these chunks ("word", " word,"),
     summed in C. Other texts (double spaces, a space before a line break, code) are cut at
-    whitespace-run borders instead (``_segments_regex``), with the standard library's engine,
-    and summed the same way from a per-segment cache.
+    whitespace-run borders instead (``_segments_regex``) and summed the same way from a
+    per-segment cache: in C as well (a table of its own), else with the standard library's engine.
     """
 
     def __init__(self, tokenizer, verify_first: int = 64, max_cache: int = 1_000_000):
@@ -221,6 +221,8 @@ class TokenCounter:
             # texts with other whitespace: cut at whitespace-run borders (GPT-2's pattern only, see _segments)
             self.segments = _segments_regex() if self.split.pattern == _GPT2_SPLIT else None
             self.segment_counts = _ChunkCounts(self._count_pieces, max_cache)  # text -> its token count
+            # the same cut and per-segment counts in C, for the texts the chunk table refuses
+            self.segment_table = _chunk_table() if self.segments is not None else None
 
     def _pre_tokenizer_regex(self):
         import json
@@ -282,6 +284,8 @@ class TokenCounter:
             counted = self._count_chunks_native(part)
             if counted is not None:
                 return counted
+            if self.segment_table is not None:
+                return self._count_segments_native(part)
             needs_segments = True  # the table saw a space before whitespace, or a trailing one
         else:
             needs_segments = part.endswith(" ") or self._space_then_space.search(part)
@@ -307,6 +311,19 @@ class TokenCounter:
             table.add(chunk, count)
             n += count
         return n + self.segment_counts[part[:first_end]]
+
+    def _count_segments_native(self, part: str) -> int:
+        """``sum(map(self.segment_counts.__getitem__, self.segments.findall(part)))`` through
+        ``segment_table``: the same cut, the same counts, without a str or a dict lookup a segment."""
+        table = self.segment_table
+        if len(table) >= self.max_cache:
+            table.clear()
+        n, unknown = table.count_segments(part)
+        for segment in unknown:
+            count = self._count_pieces(segment)
+            table.add(segment, count)
+            n += count
+        return n
 
     def _count_pieces(self, text: str) -> int:
         cache, count = self.cache, self._count
