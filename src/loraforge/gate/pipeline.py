@@ -30,7 +30,7 @@ from loraforge.gate.checks import Check, build_checks
 from loraforge.gate.dedup import DuplicateIndex, EvalOverlapCheck, MinHasher, exact_key, sample_features
 from loraforge.gate.normalize import normalize
 from loraforge.gate.readers import RawRecord, check_inputs, kind_of, read_records, sha256_of
-from loraforge.gate.report import FileStats, GateReport
+from loraforge.gate.report import Example, FileStats, GateReport
 from loraforge.gate.verdict import Reason, Reject, Sample
 
 
@@ -54,10 +54,6 @@ def jsonl_line(obj: Any) -> str:
 class Rejected:
     code: Reason
     detail: str
-    row: bytes = b""  # the rejected.jsonl line, encoded, set by the worker
-
-    def __reduce__(self):  # pickled back from the workers: ~2.5x faster than the default
-        return Rejected, (self.code, self.detail, self.row)
 
 
 @dataclass(slots=True)
@@ -68,11 +64,23 @@ class Candidate:
     exact: int | None
     near: tuple[list[int], bytes] | None  # LSH band keys and the 8-bit MinHash sketch
 
-    def __reduce__(self):
-        return Candidate, (self.line, self.exact, self.near)
-
 
 Outcome = Rejected | Candidate
+
+# What a worker sends back for one record: the rejected.jsonl row of a rejection, or for a
+# candidate (kept line, exact key, near keys, the tail of the row it gets if it turns out a
+# duplicate). Plain bytes and tuples: the pipe pickles them in C, with no Python call a record.
+Sent = bytes | tuple[bytes, int | None, tuple[list[int], bytes] | None, bytes]
+
+EXAMPLES = 5  # rejected examples kept per reason in the report
+
+
+@dataclass
+class ChunkResult:
+    sent: list[Sent]  # one per record, in order
+    reasons: dict[str, int]  # the chunk's rejections by reason (duplicates are the main process's)
+    examples: dict[str, list[tuple[dict[str, Any], str]]]  # the first few per reason: (source, detail)
+    timings: dict[str, float]
 
 
 class SampleGate:
@@ -126,38 +134,50 @@ class SampleGate:
         line = jsonl_line({"messages": sample.messages, "source": sample.source, **sample.meta})
         return Candidate((line + "\n").encode("utf-8"), exact, near)
 
-    def process_chunk(self, chunk: list[RawRecord]) -> tuple[list[Outcome], dict[str, float]]:
-        """Outcomes in order; a rejection carries its rejected.jsonl row, so the main process only writes it."""
+    def process_chunk(self, chunk: list[RawRecord]) -> ChunkResult:
+        """What the main process needs of each record, in order: a rejection comes as its
+        rejected.jsonl row (counted here), a candidate with its row's tail, so the main process
+        only decides duplicates and writes."""
         self.timings.clear()
-        outcomes = []
+        result = ChunkResult([], {}, {}, {})
+        sent, reasons, examples = result.sent, result.reasons, result.examples
         for record in chunk:
             outcome = self.process(record)
-            if isinstance(outcome, Rejected):
+            source_json = self.source_json(record)
+            if outcome.__class__ is Rejected:
+                code = outcome.code.value
+                reasons[code] = reasons.get(code, 0) + 1
+                shown = examples.setdefault(code, [])
+                if len(shown) < EXAMPLES:
+                    shown.append((self.source(record), outcome.detail))
                 parsed = outcome.code is not Reason.MALFORMED_JSON
-                outcome.row = rejected_row(outcome.code, outcome.detail, self.source_json(record), record, parsed)
-            outcomes.append(outcome)
-        return outcomes, dict(self.timings)
+                sent.append(_row_head(code, outcome.detail) + _row_tail(source_json, record, parsed))
+            else:
+                sent.append((outcome.line, outcome.exact, outcome.near, _row_tail(source_json, record, parsed=True)))
+        result.timings = dict(self.timings)
+        return result
 
 
 # The worker's SampleGate: set in the parent before the pool forks, inherited by every worker.
 _WORKER_GATE: SampleGate | None = None
 
 
-def _work(chunk: list[RawRecord]) -> tuple[list[Outcome], dict[str, float]]:
+def _work(chunk: list[RawRecord]) -> ChunkResult:
     assert _WORKER_GATE is not None
     return _WORKER_GATE.process_chunk(chunk)
 
 
-def _chunks(paths: list[Path], size: int, progress) -> Iterator[list[RawRecord]]:
-    chunk: list[RawRecord] = []
+def _chunks(paths: list[Path], size: int, progress) -> Iterator[tuple[int, list[RawRecord]]]:
+    """(file index, records) of at most ``size`` records, all of one file."""
     for index, path in enumerate(paths):
+        chunk: list[RawRecord] = []
         for record in read_records(path, index, progress):
             chunk.append(record)
             if len(chunk) >= size:
-                yield chunk
+                yield index, chunk
                 chunk = []
-    if chunk:
-        yield chunk
+        if chunk:
+            yield index, chunk
 
 
 _json_str = json.encoder.encode_basestring  # a JSON string as json.dumps(..., ensure_ascii=False) writes it
@@ -168,33 +188,52 @@ def rejected_row(reason: Reason, detail: str, source_json: str, record: RawRecor
 
     ``parsed``: the record's line decoded as JSON (in a worker), so the line itself is put in
     verbatim as the "record" value when it is plain UTF-8 (it then decodes to the same record),
-    instead of decoding and re-encoding it (~60 us a row in the main process)."""
-    line = (
-        f'{{"reason": "{reason.value}", "detail": {_json_str(detail)}, "source": {source_json}, '
-        f"{_original_member(record, parsed)}}}"
-    )
-    if "\u2028" in line or "\u2029" in line or "\x85" in line:  # rare: skip the slow translate
-        line = line.translate(_LINE_BREAKS)
-    return (line + "\n").encode("utf-8")
+    instead of decoding and re-encoding it."""
+    return _row_head(reason.value, detail) + _row_tail(source_json, record, parsed)
 
 
-def _original_member(record: RawRecord, parsed: bool) -> str:
-    """``"record": <the input record>``, or ``"raw": <the line>`` if it does not decode."""
-    if record.text is None:
-        return '"record": ' + _ENCODER.encode(record.value)
-    if parsed and isinstance(record.text, bytes):
+def _row_head(code: str, detail: str) -> bytes:
+    """``{"reason": ..., "detail": ...`` of a rejected row (the main process makes the heads of
+    duplicates, whose tails the workers made)."""
+    return _escape_line_breaks(f'{{"reason": "{code}", "detail": {_json_str(detail)}').encode("utf-8")
+
+
+def _row_tail(source_json: str, record: RawRecord, parsed: bool) -> bytes:
+    """``, "source": ..., "record": ...}`` and the newline: the rest of a rejected row."""
+    return b", \"source\": " + _escape_line_breaks(source_json).encode("utf-8") + b", " + _original_member(record, parsed) + b"}\n"
+
+
+_UTF8_LINE_BREAKS = ("\u2028".encode(), "\u2029".encode(), "\x85".encode())
+
+
+def _escape_line_breaks(text: str) -> str:
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:  # rare: skip the slow translate
+        return text.translate(_LINE_BREAKS)
+    return text
+
+
+def _original_member(record: RawRecord, parsed: bool) -> bytes:
+    """``"record": <the input record>``, or ``"raw": <the line>`` if it does not decode; encoded."""
+    text = record.text
+    if parsed and isinstance(text, bytes) and text and not text.startswith(b"\xef\xbb\xbf") and b"\r" not in text:
+        # the line as it is: a BOM is no JSON space and \r is a line break to splitlines
         try:
-            raw = record.text.decode("utf-8")  # strict: json.loads would also take UTF-16/32 and surrogates
+            text.decode("utf-8")  # strict: json.loads would also take UTF-16/32 and surrogates
         except UnicodeDecodeError:
-            raw = ""
-        if raw and raw[0] != "\ufeff" and "\r" not in raw:  # a JSON space, but a line break to splitlines
-            return '"record": ' + raw
-    raw = record.text.decode("utf-8", errors="replace") if isinstance(record.text, bytes) else record.text
-    try:
-        member = {"record": json.loads(raw)}
-    except json.JSONDecodeError:
-        member = {"raw": raw}
-    return _ENCODER.encode(member)[1:-1]
+            pass
+        else:
+            if not any(mark in text for mark in _UTF8_LINE_BREAKS):
+                return b'"record": ' + text
+            return ('"record": ' + text.decode("utf-8").translate(_LINE_BREAKS)).encode("utf-8")
+    if text is None:
+        member = '"record": ' + _ENCODER.encode(record.value)
+    else:
+        raw = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+        try:
+            member = _ENCODER.encode({"record": json.loads(raw)})[1:-1]
+        except json.JSONDecodeError:
+            member = _ENCODER.encode({"raw": raw})[1:-1]
+    return _escape_line_breaks(member).encode("utf-8")
 
 
 def _load_eval(files: list[Path], n: int) -> EvalOverlapCheck | None:
@@ -212,19 +251,6 @@ def _load_eval(files: list[Path], n: int) -> EvalOverlapCheck | None:
             if not isinstance(messages, Reject):
                 conversations.append(messages)
     return EvalOverlapCheck(conversations, n)
-
-
-class _Outputs:
-    def __init__(self, out_dir: Path):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.kept_path, self.rejected_path = out_dir / "kept.jsonl", out_dir / "rejected.jsonl"
-        # binary: the workers send their lines encoded; large buffers: fewer write calls
-        self.kept = open(self.kept_path, "wb", buffering=1 << 20)
-        self.rejected = open(self.rejected_path, "wb", buffering=1 << 20)
-
-    def close(self) -> None:
-        self.kept.close()
-        self.rejected.close()
 
 
 def run_gate(
@@ -263,11 +289,7 @@ def run_gate(
     setup_s = time.perf_counter() - started
     workers = cfg.workers or os.cpu_count() or 1
     dedup = cfg.checks.dedup
-    duplicates = DuplicateIndex(dedup.exact, dedup.near, dedup.near_threshold, dedup.num_perm)
-    kept_sources = _KeptSources()
-    tally = _Tally(len(paths))
-    timings: Counter[str] = Counter()
-    outputs = _Outputs(Path(out_dir))
+    main = _MainSide(DuplicateIndex(dedup.exact, dedup.near, dedup.near_threshold, dedup.num_perm), gate, Path(out_dir), len(paths))
     progress = _progress(show_progress, sum(p.stat().st_size for p in paths))
     pool = None
     try:
@@ -278,15 +300,12 @@ def run_gate(
             in_flight: deque = deque()
 
             def drain_one():
-                chunk, result = in_flight.popleft()
-                outcomes, chunk_timings = result.get() if pool else result
-                timings.update(chunk_timings)
-                for record, outcome in zip(chunk, outcomes):
-                    _record(report, tally, outputs, duplicates, kept_sources, gate, record, outcome)
+                file, chunk, result = in_flight.popleft()
+                main.absorb(file, chunk, result.get() if pool else result)
                 progress.records(len(chunk))
 
-            for chunk in _chunks(paths, cfg.chunk_size, progress.bytes):
-                in_flight.append((chunk, pool.apply_async(_work, (chunk,)) if pool else gate.process_chunk(chunk)))
+            for file, chunk in _chunks(paths, cfg.chunk_size, progress.bytes):
+                in_flight.append((file, chunk, pool.apply_async(_work, (chunk,)) if pool else gate.process_chunk(chunk)))
                 if len(in_flight) >= 2 * workers:
                     drain_one()
             while in_flight:
@@ -295,53 +314,91 @@ def run_gate(
         if pool is not None:
             pool.terminate()
         _WORKER_GATE = None
-        outputs.close()
-    tally.apply(report)
+        main.close()
+    main.apply(report)
     wall = time.perf_counter() - started
     report.timings = {
         "wall_s": round(wall, 3),
         "setup_s": round(setup_s, 3),
         "workers": workers,
         "samples_per_s": round(report.input / max(wall - setup_s, 1e-9), 1),
-        **{f"check_{k}_s": round(v, 3) for k, v in sorted(timings.items())},
+        **{f"check_{k}_s": round(v, 3) for k, v in sorted(main.timings.items())},
     }
-    report.outputs = {"kept": str(outputs.kept_path), "rejected": str(outputs.rejected_path), "report": str(Path(out_dir) / "report.json")}
+    report.outputs = {"kept": str(main.kept_path), "rejected": str(main.rejected_path), "report": str(Path(out_dir) / "report.json")}
     if report.input != report.kept + report.rejected:  # the gate's promise; never expected to fire
         raise GateError(f"internal error: input {report.input} != kept {report.kept} + rejected {report.rejected}")
     (Path(out_dir) / "report.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return report
 
 
-def _record(report, tally, outputs, duplicates, kept_sources, gate, record, outcome) -> None:
-    tally.input[record.file] += 1
-    if isinstance(outcome, Candidate):
-        hit = duplicates.check(outcome.exact, outcome.near)
-        if hit is None:
-            duplicates.add(len(kept_sources), outcome.exact, outcome.near)
-            kept_sources.append(record)
-            outputs.kept.write(outcome.line)
-            tally.kept[record.file] += 1
-            return
+class _MainSide:
+    """The main process's share, in input order: duplicates, the output files and the counts.
+
+    Per record it only looks up duplicates and writes bytes; counts are plain ints and dicts
+    (a pydantic attribute costs microseconds a write), moved into the report once at the end."""
+
+    def __init__(self, duplicates: DuplicateIndex, gate: SampleGate, out_dir: Path, files: int):
+        self.duplicates, self.gate = duplicates, gate
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.kept_path, self.rejected_path = out_dir / "kept.jsonl", out_dir / "rejected.jsonl"
+        # binary: the workers send their lines encoded; large buffers: fewer write calls
+        self.kept = open(self.kept_path, "wb", buffering=1 << 20)
+        self.rejected = open(self.rejected_path, "wb", buffering=1 << 20)
+        self.kept_sources = _KeptSources()
+        self.input, self.kept_per_file = [0] * files, [0] * files
+        self.reasons: dict[str, int] = {}
+        self.examples: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        self.timings: Counter[str] = Counter()
+
+    def absorb(self, file: int, chunk: list[RawRecord], result: ChunkResult) -> None:
+        self.timings.update(result.timings)
+        for code, n in result.reasons.items():
+            self.reasons[code] = self.reasons.get(code, 0) + n
+        for code, shown in result.examples.items():
+            mine = self.examples.setdefault(code, [])
+            mine.extend(shown[: EXAMPLES - len(mine)])
+        check, add, kept_sources = self.duplicates.check, self.duplicates.add, self.kept_sources
+        write_kept, write_rejected = self.kept.write, self.rejected.write
+        kept = 0
+        for record, sent in zip(chunk, result.sent):
+            if sent.__class__ is bytes:  # rejected in the worker, already counted
+                write_rejected(sent)
+                continue
+            line, exact, near, tail = sent
+            hit = check(exact, near)
+            if hit is None:
+                add(len(kept_sources), exact, near)
+                kept_sources.append(record)
+                write_kept(line)
+                kept += 1
+            else:
+                write_rejected(self._duplicate_head(record, hit) + tail)
+        self.input[file] += len(chunk)
+        self.kept_per_file[file] += kept
+
+    def _duplicate_head(self, record: RawRecord, hit: tuple[Reason, int, float]) -> bytes:
         reason, ordinal, similarity = hit
-        file, line = kept_sources[ordinal]
+        file, line = self.kept_sources[ordinal]
         what = "the same normalized text as" if reason is Reason.EXACT_DUPLICATE else f"~{similarity:.2f} Jaccard similar to"
-        detail = f"{what} {gate.paths[file]}:{line}, which is kept"
-        outcome = Rejected(reason, detail, rejected_row(reason, detail, gate.source_json(record), record, parsed=True))
-    report.count(outcome.code.value, gate.source(record), outcome.detail)
-    outputs.rejected.write(outcome.row)
+        detail = f"{what} {self.gate.paths[file]}:{line}, which is kept"
+        code = reason.value
+        self.reasons[code] = self.reasons.get(code, 0) + 1
+        shown = self.examples.setdefault(code, [])
+        if len(shown) < EXAMPLES:
+            shown.append((self.gate.source(record), detail))
+        return _row_head(code, detail)
 
-
-class _Tally:
-    """Per-file input and kept counts as plain ints (a pydantic attribute costs microseconds a write),
-    moved into the report once at the end; rejected ones follow as input - kept."""
-
-    def __init__(self, files: int):
-        self.input, self.kept = [0] * files, [0] * files
+    def close(self) -> None:
+        self.kept.close()
+        self.rejected.close()
 
     def apply(self, report: GateReport) -> None:
-        for stats, n_input, n_kept in zip(report.files, self.input, self.kept):
+        for stats, n_input, n_kept in zip(report.files, self.input, self.kept_per_file):
             stats.input, stats.kept, stats.rejected = n_input, n_kept, n_input - n_kept
-        report.input, report.kept = sum(self.input), sum(self.kept)
+        report.input, report.kept = sum(self.input), sum(self.kept_per_file)
+        report.reasons = dict(sorted(self.reasons.items(), key=lambda item: -item[1]))
+        report.rejected = sum(self.reasons.values())
+        report.examples = {code: [Example(source=source, detail=detail) for source, detail in self.examples[code]] for code in report.reasons}
 
 
 class _KeptSources:

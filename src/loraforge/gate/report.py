@@ -33,13 +33,6 @@ class GateReport(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     outputs: dict[str, str] = Field(default_factory=dict)
 
-    def count(self, reason: str, source: dict[str, Any], detail: str, keep_examples: int = 5) -> None:
-        self.rejected += 1
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        examples = self.examples.setdefault(reason, [])
-        if len(examples) < keep_examples:
-            examples.append(Example(source=source, detail=detail))
-
 
 def render_table(report: GateReport):
     """A rich Table: one row per reason with its share and a first example."""
