@@ -69,12 +69,13 @@ def test_output_is_identical_for_any_number_of_workers(tmp_path, tiny_tokenizer)
     data = tmp_path / "demo.jsonl"
     write_demo_data(data, n=300)
     outputs = []
-    for workers in (1, 2):
+    for workers in (1, 2, 3):
         cfg = load_config(overrides={"gate.workers": workers, "gate.chunk_size": 7, "gate.max_seq_length": 512})
         out = tmp_path / f"w{workers}"
         report = run_gate([data], out, cfg, tokenizer=tiny_tokenizer)
-        outputs.append(((out / "kept.jsonl").read_bytes(), (out / "rejected.jsonl").read_bytes(), report.reasons))
-    assert outputs[0] == outputs[1]
+        outputs.append(((out / "kept.jsonl").read_bytes(), (out / "rejected.jsonl").read_bytes(), report.reasons, report.examples))
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert outputs[0][2]  # the demo data has rejections of several kinds
 
 
 def test_eval_overlap_decontaminates(tmp_path, tiny_tokenizer):

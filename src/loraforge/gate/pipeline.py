@@ -2,19 +2,20 @@
 
 Flow of one record::
 
-    readers.read_records ──chunks──> worker: SampleGate.process_chunk
-        parse JSON ── normalize ── checks.* ── dedup keys ──> Outcome
+    readers.read_records ──chunks──> a worker or the main process: SampleGate.process_chunk
+        parse JSON ── normalize ── checks.* ── dedup keys ──> rejected row | candidate
     main, in input order: DuplicateIndex ── kept.jsonl | rejected.jsonl ── GateReport
 
-Workers are forked processes; at most ``2 * workers`` chunks are in flight, so memory stays
-flat however large the input is, and results are consumed in submission order, so the output
-is the same for any number of workers.
+``gate.workers`` processes check samples: ``workers - 1`` forked ones (``parallel.Workers``)
+and the main process, which takes a chunk itself whenever the others have two queued. At most
+``4 * workers`` chunks are held at a time, so memory stays flat however large the input is,
+and results are consumed in submission order, so the output is the same for any number of
+workers.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
 from array import array
@@ -29,6 +30,7 @@ from loraforge.errors import GateError
 from loraforge.gate.checks import Check, build_checks
 from loraforge.gate.dedup import DuplicateIndex, EvalOverlapCheck, MinHasher, exact_key, sample_features
 from loraforge.gate.normalize import normalize
+from loraforge.gate.parallel import Workers
 from loraforge.gate.readers import RawRecord, check_inputs, kind_of, read_records, sha256_of
 from loraforge.gate.report import Example, FileStats, GateReport
 from loraforge.gate.verdict import Reason, Reject, Sample
@@ -158,15 +160,6 @@ class SampleGate:
         return result
 
 
-# The worker's SampleGate: set in the parent before the pool forks, inherited by every worker.
-_WORKER_GATE: SampleGate | None = None
-
-
-def _work(chunk: list[RawRecord]) -> ChunkResult:
-    assert _WORKER_GATE is not None
-    return _WORKER_GATE.process_chunk(chunk)
-
-
 def _chunks(paths: list[Path], size: int, progress) -> Iterator[tuple[int, list[RawRecord]]]:
     """(file index, records) of at most ``size`` records, all of one file."""
     for index, path in enumerate(paths):
@@ -264,7 +257,6 @@ def run_gate(
 
     ``tokenizer`` defaults to the one of ``config.model.name`` (the embedded default).
     """
-    global _WORKER_GATE
     config = config or LoraforgeConfig()
     cfg = config.gate
     paths = [Path(p) for p in inputs]
@@ -293,27 +285,13 @@ def run_gate(
     progress = _progress(show_progress, sum(p.stat().st_size for p in paths))
     pool = None
     try:
-        if workers > 1:
-            _WORKER_GATE = gate
-            pool = multiprocessing.get_context("fork").Pool(workers)
+        if workers > 1:  # forked before the progress bar's thread starts
+            pool = Workers(workers - 1, gate.process_chunk)  # the main process checks samples too
         with progress.bar if progress.bar else _null():
-            in_flight: deque = deque()
-
-            def drain_one():
-                file, chunk, result = in_flight.popleft()
-                main.absorb(file, chunk, result.get() if pool else result)
-                progress.records(len(chunk))
-
-            for file, chunk in _chunks(paths, cfg.chunk_size, progress.bytes):
-                in_flight.append((file, chunk, pool.apply_async(_work, (chunk,)) if pool else gate.process_chunk(chunk)))
-                if len(in_flight) >= 2 * workers:
-                    drain_one()
-            while in_flight:
-                drain_one()
+            _drive(_chunks(paths, cfg.chunk_size, progress.bytes), gate, pool, main, progress)
     finally:
         if pool is not None:
-            pool.terminate()
-        _WORKER_GATE = None
+            pool.close()
         main.close()
     main.apply(report)
     wall = time.perf_counter() - started
@@ -329,6 +307,38 @@ def run_gate(
         raise GateError(f"internal error: input {report.input} != kept {report.kept} + rejected {report.rejected}")
     (Path(out_dir) / "report.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _drive(chunks: Iterator[tuple[int, list[RawRecord]]], gate: SampleGate, pool: Workers | None, main: "_MainSide", progress) -> None:
+    """Check every chunk, in a worker or here, and hand the results to ``main`` in input order.
+
+    A chunk goes to the least busy worker while it has fewer than two queued, else the main
+    process checks it itself (so no core waits while another has work); results are taken in
+    submission order, so the output is the same for any number of workers. At most
+    ``4 x (workers + 1)`` chunks are held at a time."""
+    in_flight: deque = deque()  # (file, chunk, worker index or its ChunkResult), in input order
+    held = 4 * (len(pool.pending) + 1 if pool else 1)
+
+    def take_one() -> None:
+        file, chunk, result = in_flight.popleft()
+        if result.__class__ is int:
+            result = pool.take(result)
+        main.absorb(file, chunk, result)
+        progress.records(len(chunk))
+
+    for file, chunk in chunks:
+        worker = min(range(len(pool.pending)), key=pool.pending.__getitem__) if pool else None
+        if worker is not None and pool.pending[worker] < 2:
+            pool.submit(worker, chunk)
+            in_flight.append((file, chunk, worker))
+        else:
+            in_flight.append((file, chunk, gate.process_chunk(chunk)))
+        while in_flight and (in_flight[0][2].__class__ is ChunkResult or pool.ready(in_flight[0][2])):
+            take_one()
+        if len(in_flight) >= held:
+            take_one()
+    while in_flight:
+        take_one()
 
 
 class _MainSide:
