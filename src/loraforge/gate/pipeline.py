@@ -196,9 +196,6 @@ def _row_tail(source_json: str, record: RawRecord, parsed: bool) -> bytes:
     return b", \"source\": " + _escape_line_breaks(source_json).encode("utf-8") + b", " + _original_member(record, parsed) + b"}\n"
 
 
-_UTF8_LINE_BREAKS = ("\u2028".encode(), "\u2029".encode(), "\x85".encode())
-
-
 def _escape_line_breaks(text: str) -> str:
     if "\u2028" in text or "\u2029" in text or "\x85" in text:  # rare: skip the slow translate
         return text.translate(_LINE_BREAKS)
@@ -208,16 +205,17 @@ def _escape_line_breaks(text: str) -> str:
 def _original_member(record: RawRecord, parsed: bool) -> bytes:
     """``"record": <the input record>``, or ``"raw": <the line>`` if it does not decode; encoded."""
     text = record.text
-    if parsed and isinstance(text, bytes) and text and not text.startswith(b"\xef\xbb\xbf") and b"\r" not in text:
-        # the line as it is: a BOM is no JSON space and \r is a line break to splitlines
+    if parsed and isinstance(text, bytes) and text and b"\r" not in text:  # \r: a line break to splitlines
+        if text.isascii():  # most lines: valid UTF-8 without a BOM or the line breaks below
+            return b'"record": ' + text
         try:
-            text.decode("utf-8")  # strict: json.loads would also take UTF-16/32 and surrogates
+            raw = text.decode("utf-8")  # strict: json.loads would also take UTF-16/32 and surrogates
         except UnicodeDecodeError:
-            pass
-        else:
-            if not any(mark in text for mark in _UTF8_LINE_BREAKS):
-                return b'"record": ' + text
-            return ('"record": ' + text.decode("utf-8").translate(_LINE_BREAKS)).encode("utf-8")
+            raw = ""
+        if raw and raw[0] != "\ufeff":  # a BOM is no JSON space
+            if "\u2028" in raw or "\u2029" in raw or "\x85" in raw:
+                return ('"record": ' + raw.translate(_LINE_BREAKS)).encode("utf-8")
+            return b'"record": ' + text
     if text is None:
         member = '"record": ' + _ENCODER.encode(record.value)
     else:
