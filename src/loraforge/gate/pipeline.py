@@ -313,7 +313,7 @@ def _drive(chunks: Iterator[tuple[int, list[RawRecord]]], gate: SampleGate, pool
     A chunk goes to the least busy worker while it has fewer than two queued, else the main
     process checks it itself (so no core waits while another has work); results are taken in
     submission order, so the output is the same for any number of workers. At most
-    ``4 x (workers + 1)`` chunks are held at a time."""
+    ``4 x (pool workers + 1)`` chunks are held at a time."""
     in_flight: deque = deque()  # (file, chunk, worker index or its ChunkResult), in input order
     held = 4 * (len(pool.pending) + 1 if pool else 1)
 
