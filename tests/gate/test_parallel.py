@@ -70,3 +70,35 @@ def test_close_reaps_every_worker():
     for pid in pids:
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def _hang(task):
+    import time
+
+    time.sleep(60)
+
+
+def test_close_kills_a_worker_stuck_past_the_grace_period():
+    import time
+
+    workers = Workers(1, _hang)
+    pid = workers.pids[0]
+    workers.submit(0, "x")
+    started = time.monotonic()
+    workers.close(grace_s=0.5)
+    assert time.monotonic() - started < 10
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def test_writing_to_a_dead_worker_raises_a_gate_error():
+    workers = Workers(1, _die)
+    try:
+        workers.submit(0, "x")  # it exits on this one
+        os.waitpid(workers.pids[0], 0)
+        with pytest.raises(GateError, match="exited while checking samples"):
+            for _ in range(100):  # its task pipe is closed: a write fails, or the read sees the end
+                workers.submit(0, "y" * (1 << 20))
+                workers.ready(0)
+    finally:
+        workers.close()  # the worker is reaped already: close() takes that

@@ -21,7 +21,9 @@ import fcntl
 import os
 import pickle
 import selectors
+import signal
 import struct
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -100,7 +102,12 @@ class Workers:
     def _start(self, index: int, work) -> None:
         task_read, task_write = _pipe()
         result_read, result_write = _pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (task_read, task_write, result_read, result_write):
+                os.close(fd)
+            raise
         if pid == 0:  # the worker: keep its own two ends, leave with os._exit (no atexit, no flushes)
             code = 0
             try:
@@ -145,13 +152,9 @@ class Workers:
     def pump(self, block: bool) -> None:
         """Write what the task pipes take, read what the result pipes hold; with ``block``,
         wait until at least one pipe was ready."""
-        for index, fd in enumerate(self.tasks):
-            box = self.outbox[index]
-            if box:
-                try:
-                    del box[: os.write(fd, box)]
-                except BlockingIOError:
-                    pass
+        for index in range(len(self.tasks)):
+            if self.outbox[index]:
+                self._write(index)
         writing = [(fd, i) for i, fd in enumerate(self.tasks) if self.outbox[i]]
         for fd, i in writing:
             self.selector.register(fd, selectors.EVENT_WRITE, i)
@@ -164,10 +167,16 @@ class Workers:
             if mask & selectors.EVENT_READ:
                 self._read(key.data)
             elif self.outbox[key.data]:
-                try:
-                    del self.outbox[key.data][: os.write(key.fd, self.outbox[key.data])]
-                except BlockingIOError:
-                    pass
+                self._write(key.data)
+
+    def _write(self, index: int) -> None:
+        box = self.outbox[index]
+        try:
+            del box[: os.write(self.tasks[index], box)]
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:
+            raise GateError(f"gate worker {index} (pid {self.pids[index]}) exited while checking samples") from None
 
     def _read(self, index: int) -> None:
         box = self.inbox[index]
@@ -190,16 +199,23 @@ class Workers:
                 raise GateError(f"gate worker {index} failed:\n{data.decode('utf-8', 'replace')}")
             self.done[index].append(data)
 
-    def close(self) -> None:
-        """End the workers (closing their task pipes ends their loops) and reap them."""
+    def close(self, grace_s: float = 10.0) -> None:
+        """End the workers (closing their task pipes ends their loops) and reap them; one still
+        running after ``grace_s`` seconds is killed."""
         for fd in self.tasks:
             os.close(fd)
         for fd in self.results:
             os.close(fd)
         self.selector.close()
+        deadline = time.monotonic() + grace_s
         for pid in self.pids:
             try:
-                os.waitpid(pid, 0)
+                while os.waitpid(pid, os.WNOHANG) == (0, 0):  # still running: a chunk to finish
+                    if time.monotonic() > deadline:  # stuck (in C code, say): do not hang the caller
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                        break
+                    time.sleep(0.01)
             except ChildProcessError:
                 pass
         self.tasks, self.results, self.pids = [], [], []

@@ -404,7 +404,7 @@ class _MainSide:
         for stats, n_input, n_kept in zip(report.files, self.input, self.kept_per_file):
             stats.input, stats.kept, stats.rejected = n_input, n_kept, n_input - n_kept
         report.input, report.kept = sum(self.input), sum(self.kept_per_file)
-        report.reasons = dict(sorted(self.reasons.items(), key=lambda item: -item[1]))
+        report.reasons = dict(self.reasons)  # in the order first seen (chunk by chunk)
         report.rejected = sum(self.reasons.values())
         report.examples = {code: [Example(source=source, detail=detail) for source, detail in self.examples[code]] for code in report.reasons}
 

@@ -48,12 +48,16 @@ def _dense_weight(base) -> torch.Tensor:
     return bnbf.dequantize_4bit(weight.data, state)
 
 
-def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(m1 @ m2).to(dtype)``; on CUDA a bf16/fp16 product wanted in fp32 comes out of the
-    GEMM in fp32 (``out_dtype``): one kernel, and no rounding to 16 bits on the way."""
+def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``(scale * m1 @ m2).to(dtype)``, scaled before any cast; on CUDA a bf16/fp16 product
+    wanted in fp32 comes out of the GEMM in fp32 (``out_dtype``): no rounding to 16 bits on the way."""
     if dtype == torch.float32 and m1.dtype in (torch.bfloat16, torch.float16) and m1.is_cuda:
-        return torch.mm(m1, m2, out_dtype=dtype)
-    return (m1 @ m2).to(dtype)
+        out = torch.mm(m1, m2, out_dtype=dtype)
+    else:
+        out = m1 @ m2
+    if scale != 1:
+        out.mul_(scale)
+    return out.to(dtype)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -82,7 +86,7 @@ class LoraLinearFunction(torch.autograd.Function):
         scale, (a_dtype, b_dtype) = ctx.scale, ctx.dtypes
         # the scale rides in the GEMM (alpha) instead of a pass over its output
         grad_h = torch.addmm(h, g, b, beta=0, alpha=scale)  # (tokens, r); h only gives the shape
-        grad_B = _mm_to(g.T, h, b_dtype).mul_(scale) if ctx.needs_input_grad[2] else None
+        grad_B = _mm_to(g.T, h, b_dtype, scale) if ctx.needs_input_grad[2] else None
         grad_A = _mm_to(grad_h.T, x2, a_dtype) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:

@@ -81,7 +81,7 @@ def plan(fixed: dict[str, int], per_token: LayerBytes, layers: int, tokens: int,
 
     def estimate(k: int, off: bool) -> dict[str, int]:
         kept = (layers - k) * full
-        inputs = 0 if off else k * ckpt
+        inputs = ckpt if off else k * ckpt  # offloaded: the previous layer's, fetched ahead
         working = full if k else 0  # one layer recomputed at a time
         return fixed | {"activations": kept + inputs + working}
 
