@@ -265,7 +265,8 @@ class profiled:
         total = sum(time_of(e) for e in kernels) or 1
         kinds: dict[str, float] = {}
         for e in kernels:
-            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0) + time_of(e)
+            kind = kernel_kind(e.key)
+            kinds[kind] = kinds.get(kind, 0) + time_of(e)
         lines = [f"profiled step: wall {wall * 1e3:.1f} ms, GPU kernels {total / 1e3:.1f} ms"]
         lines += [f"  {kind:24} {us / 1e3:9.1f} ms  {100 * us / total:5.1f}%" for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1])]
         lines.append("top kernels:")

@@ -13,8 +13,7 @@
  *   first_member(values, keys)     dedup.EvalOverlapCheck's search of the sample's n-grams
  *   pii_prefilter(text)            pii's prefilters, all kinds in one pass
  *   char_run_start(text, ...)      repetition.char_run's scan
- *   key_get_all / key_add_all / key_rehash   dedup.KeyIndex lookups, inserts and growth
- *   count_equal(rows, row, sketch) dedup.DuplicateIndex.jaccard's count of equal sketch bytes
+ *   key_add_all / key_rehash       dedup.KeyIndex inserts and growth
  *   near_check(...)                dedup.DuplicateIndex.check's near path: probe, dedupe, compare
  *   ChunkTable                     models.chat.TokenCounter's per-chunk and per-segment token counts
  *   words(text)                    re.findall(r"\w+", text), for repetition.words_of and dedup
@@ -263,7 +262,7 @@ static PyObject *first_member(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(found);
 }
 
-/* ---- the duplicate index (dedup.KeyIndex, DuplicateIndex.jaccard) --------------------------
+/* ---- the duplicate index (dedup.KeyIndex, DuplicateIndex.check) ------------------------------
  * KeyIndex keeps uint64 keys in an open-addressing table (linear probing, 0 = empty) and a
  * uint32 value per slot, in two numpy arrays; these probe it in place, with the same slot order
  * as the Python code: (key * MIX >> 20) & mask equals the low bits of the full product. */
@@ -312,31 +311,6 @@ static int table_key(PyObject *obj, uint64_t *key) {
     if (*key == 0)  /* 0 marks an empty slot: a real 0 is stored as 1 */
         *key = 1;
     return 0;
-}
-
-/* key_get_all(keys, values, wanted) -> the values of the wanted keys that are present, in order */
-static PyObject *key_get_all(PyObject *self, PyObject *args) {
-    PyObject *keys, *values, *wanted;
-    Table t;
-    if (!PyArg_ParseTuple(args, "OOO!", &keys, &values, &PyList_Type, &wanted) || table_open(keys, values, 0, &t) < 0)
-        return NULL;
-    PyObject *found = PyList_New(0);
-    for (Py_ssize_t k = 0; found && k < PyList_GET_SIZE(wanted); k++) {
-        uint64_t key;
-        if (table_key(PyList_GET_ITEM(wanted, k), &key) < 0) {
-            Py_CLEAR(found);
-            break;
-        }
-        Py_ssize_t i = table_slot(&t, key);
-        if (((const uint64_t *)t.keys.buf)[i] != key)
-            continue;
-        PyObject *value = PyLong_FromUnsignedLong(((const uint32_t *)t.values.buf)[i]);
-        if (!value || PyList_Append(found, value) < 0)
-            Py_CLEAR(found);
-        Py_XDECREF(value);
-    }
-    table_close(&t);
-    return found;
 }
 
 /* key_add_all(keys, values, new_keys, value) -> how many of new_keys were new (stored with value);
@@ -392,33 +366,6 @@ static PyObject *key_rehash(PyObject *self, PyObject *args) {
     table_close(&old);
     table_close(&t);
     return PyLong_FromSsize_t(moved);
-}
-
-/* count_equal(rows, row, sketch) -> how many bytes of row `row` of the C-contiguous uint8 matrix
- * `rows` (one sketch a row) equal those of `sketch` */
-static PyObject *count_equal(PyObject *self, PyObject *args) {
-    PyObject *rows_obj;
-    Py_ssize_t row;
-    Py_buffer rows, sketch;
-    if (!PyArg_ParseTuple(args, "Ony*", &rows_obj, &row, &sketch))
-        return NULL;
-    if (PyObject_GetBuffer(rows_obj, &rows, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&sketch);
-        return NULL;
-    }
-    PyObject *result = NULL;
-    if (row < 0 || (row + 1) * sketch.len > rows.len)
-        PyErr_SetString(PyExc_IndexError, "sketch row out of range");
-    else {
-        const unsigned char *a = (const unsigned char *)rows.buf + row * sketch.len, *b = sketch.buf;
-        Py_ssize_t equal = 0;
-        for (Py_ssize_t i = 0; i < sketch.len; i++)
-            equal += a[i] == b[i];
-        result = PyLong_FromSsize_t(equal);
-    }
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&sketch);
-    return result;
 }
 
 /* near_check(keys, values, sketches, bands, sketch, threshold) -> (ordinal, similarity) or None:
@@ -852,6 +799,14 @@ static int word_grams(PyObject *args, Py_ssize_t *n, Ids *ids, Grams *g, Py_ssiz
     return 0;
 }
 
+/* Releases what word_grams set up and returns a measure's character count. */
+static PyObject *word_grams_result(Ids *ids, Grams *g, Py_ssize_t *lens, long long chars) {
+    grams_free(g);
+    free(lens);
+    PyBuffer_Release(&ids->view);
+    return PyLong_FromLongLong(chars);
+}
+
 /* gram_repeats(ids, n) -> whether some n-gram occurs twice */
 static PyObject *gram_repeats(PyObject *self, PyObject *args) {
     PyObject *obj;
@@ -895,10 +850,7 @@ static PyObject *top_gram_chars(PyObject *self, PyObject *args) {
             chars += lens[g.first[best] + k];
         chars *= best_count;
     }
-    grams_free(&g);
-    free(lens);
-    PyBuffer_Release(&ids.view);
-    return PyLong_FromLongLong(chars);
+    return word_grams_result(&ids, &g, lens, chars);
 }
 
 /* dup_gram_chars(words, ids, n) -> characters of the words covered by n-grams occurring twice or
@@ -918,10 +870,7 @@ static PyObject *dup_gram_chars(PyObject *self, PyObject *args) {
             chars += lens[k];
         covered_to = covered_to > i + n ? covered_to : i + n;
     }
-    grams_free(&g);
-    free(lens);
-    PyBuffer_Release(&ids.view);
-    return PyLong_FromLongLong(chars);
+    return word_grams_result(&ids, &g, lens, chars);
 }
 
 /* longest_loop(ids, min_repeats, max_period) -> (period, repeats, start) or None: the search of
@@ -1258,10 +1207,8 @@ static PyMethodDef methods[] = {
     {"first_member", first_member, METH_VARARGS, "first_member(values, sorted_keys) -> index of the first value present, or -1"},
     {"pii_prefilter", pii_prefilter, METH_O, "pii_prefilter(text) -> bits of the kinds that may match: 1 email, 2 phone, 4 ip, 8 api_key"},
     {"char_run_start", char_run_start, METH_VARARGS, "char_run_start(text, length, rule_chars) -> start of the first long run, or -1"},
-    {"key_get_all", key_get_all, METH_VARARGS, "key_get_all(keys, values, wanted) -> values of the present keys"},
     {"key_add_all", key_add_all, METH_VARARGS, "key_add_all(keys, values, new_keys, value) -> how many were added"},
     {"key_rehash", key_rehash, METH_VARARGS, "key_rehash(keys, values, old_keys, old_values) -> entries moved"},
-    {"count_equal", count_equal, METH_VARARGS, "count_equal(rows, row, sketch) -> equal bytes"},
     {"near_check", near_check, METH_VARARGS,
      "near_check(keys, values, sketches, bands, sketch, threshold) -> (ordinal, similarity) of the first near duplicate, or None"},
     {"words", words, METH_O, "words(text) -> re.findall(r'\\w+', text)"},

@@ -147,17 +147,21 @@ class SampleGate:
             outcome = self.process(record)
             source_json = self.source_json(record)
             if outcome.__class__ is Rejected:
-                code = outcome.code.value
-                reasons[code] = reasons.get(code, 0) + 1
-                shown = examples.setdefault(code, [])
-                if len(shown) < EXAMPLES:
-                    shown.append((self.source(record), outcome.detail))
+                _tally(reasons, examples, outcome.code.value, self, record, outcome.detail)
                 parsed = outcome.code is not Reason.MALFORMED_JSON
-                sent.append(_row_head(code, outcome.detail) + _row_tail(source_json, record, parsed))
+                sent.append(rejected_row(outcome.code, outcome.detail, source_json, record, parsed))
             else:
                 sent.append((outcome.line, outcome.exact, outcome.near, _row_tail(source_json, record, parsed=True)))
         result.timings = dict(self.timings)
         return result
+
+
+def _tally(reasons: dict[str, int], examples: dict, code: str, gate: SampleGate, record: RawRecord, detail: str) -> None:
+    """Count a rejection, and keep it as an example while its reason has fewer than ``EXAMPLES``."""
+    reasons[code] = reasons.get(code, 0) + 1
+    shown = examples.setdefault(code, [])
+    if len(shown) < EXAMPLES:
+        shown.append((gate.source(record), detail))
 
 
 def _chunks(paths: list[Path], size: int, progress) -> Iterator[tuple[int, list[RawRecord]]]:
@@ -389,12 +393,8 @@ class _MainSide:
         file, line = self.kept_sources[ordinal]
         what = "the same normalized text as" if reason is Reason.EXACT_DUPLICATE else f"~{similarity:.2f} Jaccard similar to"
         detail = f"{what} {self.gate.paths[file]}:{line}, which is kept"
-        code = reason.value
-        self.reasons[code] = self.reasons.get(code, 0) + 1
-        shown = self.examples.setdefault(code, [])
-        if len(shown) < EXAMPLES:
-            shown.append((self.gate.source(record), detail))
-        return _row_head(code, detail)
+        _tally(self.reasons, self.examples, reason.value, self.gate, record, detail)
+        return _row_head(reason.value, detail)
 
     def close(self) -> None:
         self.kept.close()

@@ -23,6 +23,7 @@ arguments of its forward (``flat_kwargs``), which transformers passes down to ev
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -118,10 +119,7 @@ def _sdpa_rows(query, key, value, samples: int, scale):
     # shape: ~9 ms of copies a step)
     q, k, v = (t.squeeze(0).unflatten(1, (samples, -1)).transpose(0, 1) for t in (query, key, value))  # (n, H, L, D)
     gqa = k.shape[1] != q.shape[1]
-    if q.is_cuda:
-        with sdpa_kernel(_row_backends(), set_priority=True):
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
+    with sdpa_kernel(_row_backends(), set_priority=True) if q.is_cuda else contextlib.nullcontext():
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(1, -1, q.shape[1], q.shape[3])
 

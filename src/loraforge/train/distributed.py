@@ -139,12 +139,13 @@ def sum_over_ranks(ctx: Dist, values: list[float], device: torch.device) -> list
 # ---- the model ------------------------------------------------------------------------------
 
 
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes)."""
+def decoder_layers(model, required: bool = True) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes); none
+    known: a ConfigError, or ``[]`` when not ``required``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     layers = [m for m in base.modules() if type(m).__name__ in names]
-    if not layers:
+    if not layers and required:
         raise ConfigError(f"{type(base).__name__} names no decoder layer class (_no_split_modules): FSDP cannot shard it per layer; use train.distributed: ddp")
     return layers
 

@@ -149,11 +149,7 @@ def apply(model) -> tuple[int, dict[str, int]]:
 
 def _residual_mlp_outputs(model) -> set[int]:
     """ids of the down projections whose output only feeds the layer's closing residual add."""
-    from loraforge.errors import ConfigError
     from loraforge.train.distributed import decoder_layers
 
-    try:
-        layers = decoder_layers(model)
-    except ConfigError:  # no known decoder layer class: nothing is skipped
-        return set()
+    layers = decoder_layers(model, required=False)  # none known: nothing is skipped
     return {id(layer.mlp.down_proj) for layer in layers if type(layer).__name__ in RESIDUAL_MLP_LAYERS and hasattr(getattr(layer, "mlp", None), "down_proj")}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from loraforge.train.batch import token_loss_sum
 from loraforge.train.data import IGNORE
 
 CHUNK_BYTES = 256 * 1024**2  # fp32 logits of one chunk
@@ -110,8 +111,6 @@ class CausalLMLoss(torch.nn.Module):
     def forward(self, input_ids, labels, position_ids=None, attention_mask=None, **attention_kwargs):
         causal_lm = self.get_base_model()
         if not self.head_is_matmul:
-            from loraforge.train.batch import token_loss_sum
-
             logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **attention_kwargs).logits
             return token_loss_sum(logits, labels)
         # use_cache=False: the config's default (True) builds a KV cache, copying every layer's K and V

@@ -111,12 +111,10 @@ def apply(model, plan: MemoryPlan) -> None:
     the function: it says when a forward is the recomputation (``recomputing``), so the fused
     LoRA layers can skip what backward does not read.
     """
-    from loraforge.errors import ConfigError
     from loraforge.train.distributed import decoder_layers
 
-    try:
-        layers = decoder_layers(model)
-    except ConfigError:  # no known decoder layer class: transformers' checkpointing of every layer stays
+    layers = decoder_layers(model, required=False)
+    if not layers:  # no known decoder layer class: transformers' checkpointing of every layer stays
         return
     run = offloaded_checkpoint if plan.offload else recompute_checkpoint
     for i, layer in enumerate(layers):
