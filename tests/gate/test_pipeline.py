@@ -2,11 +2,14 @@ import json
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loraforge.config import load_config
 from loraforge.demo.data import PLANTED_REASONS, write_demo_data
 from loraforge.errors import InputError
 from loraforge.gate import run_gate
+from loraforge.gate.pipeline import jsonl_line, loads
 
 
 def gate(tmp_path, inputs, tokenizer, **overrides):
@@ -114,3 +117,56 @@ def test_gzipped_jsonl_input(tmp_path, tiny_tokenizer):
         f.write(json.dumps({"prompt": "Capital of Peru?", "completion": "Lima"}) + "\n")
     report, kept, _ = gate(tmp_path, [data], tiny_tokenizer)
     assert report.kept == 1 and kept[0]["source"]["line"] == 1
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def _outcome(parse, line):
+    try:
+        return "value", repr(parse(line))  # repr: NaN is not equal to itself
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        return type(exc).__name__, str(exc)
+
+
+@given(json_values, st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_loads_gives_what_json_loads_gives(value, ascii_only):
+    line = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8")
+    assert _outcome(loads, line) == _outcome(json.loads, line)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"id": 123456789012345678901234567890, "prompt": "a"}',  # orjson would read a float
+        b'{"id": -9223372036854775809}',
+        b'{"x": NaN, "y": -Infinity}',
+        b'\xef\xbb\xbf{"prompt": "a"}',  # a byte order mark
+        '{"prompt": "a"}'.encode("utf-16"),
+        b'{"s": "\\ud800 lone"}',
+        b'{"s": "\xff"}',
+        b'{"a": 1, "a": 2}',
+        b"[1e400]",
+        b'{"a": }',
+        b'{"a": "tab\tinside"}',
+        b"",
+        '{"prompt": "a str"}',
+    ],
+)
+def test_loads_keeps_json_loads_values_and_errors_where_orjson_differs(line):
+    assert _outcome(loads, line) == _outcome(json.loads, line)
+
+
+@given(json_values)
+@settings(max_examples=300, deadline=None)
+def test_jsonl_line_is_one_line_of_the_same_value(value):
+    line = jsonl_line({"messages": value, "source": {"file": "f\u2028.jsonl", "line": 1}})
+    text = line.decode("utf-8")
+    assert text.endswith("\n") and len(text.splitlines()) == 1
+    assert not any(c in text for c in "\u2028\u2029\x85")
+    assert json.loads(text) == {"messages": value, "source": {"file": "f\u2028.jsonl", "line": 1}}

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from loraforge.config import GateConfig, LoraforgeConfig
 from loraforge.errors import GateError
 from loraforge.gate.checks import Check, build_checks
@@ -37,19 +39,46 @@ from loraforge.gate.verdict import Reason, Reject, Sample
 
 
 _LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+# the same three characters in UTF-8, and their escapes
+_LINE_BREAK_BYTES = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
 
 
 # json.dumps(obj, ensure_ascii=False, default=str) builds this encoder anew each call (~3 us)
 _ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
 
 
-def jsonl_line(obj: Any) -> str:
-    """One JSON line, readable (no ASCII escaping) but without the characters that
-    ``str.splitlines`` and some JSONL readers treat as line breaks (they only occur inside strings)."""
-    line = _ENCODER.encode(obj)
-    if "\u2028" in line or "\u2029" in line or "\x85" in line:  # rare: skip the slow translate
-        line = line.translate(_LINE_BREAKS)
+def jsonl_line(obj: Any) -> bytes:
+    """One JSON line (with its newline, UTF-8), readable (no ASCII escaping) but without the
+    characters that ``str.splitlines`` and some JSONL readers treat as line breaks (they only
+    occur inside strings). Written by orjson: ~8 us a kept sample against the standard
+    library's ~17 (the benchmark's records); the value is the same, the spacing compact."""
+    try:
+        line = orjson.dumps(obj, default=str, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # what orjson does not write (an integer past 64 bits, a non-str key)
+        line = (_ENCODER.encode(obj) + "\n").encode("utf-8")
+    if b"\xe2\x80" in line or b"\xc2\x85" in line:  # rare: skip the replaces
+        for char, escaped in _LINE_BREAK_BYTES:
+            line = line.replace(char, escaped)
     return line
+
+
+# orjson reads an integer past 64 bits as a float, the standard library keeps it exact: a line
+# with a run of 19 digits or more goes to the standard library. Digits kept, the rest blanked,
+# then one find: ~1.8 us a benchmark line, against ~19 for re's \d{19}.
+_DIGITS = bytes(48 if 48 <= c < 58 else 32 for c in range(256))  # every digit -> "0", the rest -> " "
+_LONG_NUMBER = b"0" * 19
+
+
+def loads(text: bytes | str) -> Any:
+    """``json.loads(text)``, the same value, through orjson where it can (~2.6 us a benchmark
+    record against ~11). Whatever orjson refuses (NaN, a byte order mark, UTF-16, lone
+    surrogates, malformed input) goes to the standard library, which decides and words the error."""
+    if text.__class__ is bytes and _LONG_NUMBER not in text.translate(_DIGITS):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
 
 
 @dataclass(slots=True)
@@ -111,7 +140,7 @@ class SampleGate:
         value = record.value
         if record.text is not None:
             try:
-                value = json.loads(record.text)
+                value = loads(record.text)
             except json.JSONDecodeError as exc:
                 return Rejected(Reason.MALFORMED_JSON, f"line {record.line}, column {exc.colno}: {exc.msg}")
             except UnicodeDecodeError as exc:
@@ -133,8 +162,7 @@ class SampleGate:
         exact = exact_key(norm) if dedup.exact else None
         near = self.minhasher.keys(hashes) if self.minhasher else None
         self.timings["dedup_keys"] += time.perf_counter() - started
-        line = jsonl_line({"messages": sample.messages, "source": sample.source, **sample.meta})
-        return Candidate((line + "\n").encode("utf-8"), exact, near)
+        return Candidate(jsonl_line({"messages": sample.messages, "source": sample.source, **sample.meta}), exact, near)
 
     def process_chunk(self, chunk: list[RawRecord]) -> ChunkResult:
         """What the main process needs of each record, in order: a rejection comes as its
