@@ -149,6 +149,66 @@ def test_nan_loss_stops_and_keeps_last_good_adapter(tmp_path, demo_kept):
     assert all(torch.isfinite(w).all() for w in weights.values())  # the bad step was never applied
 
 
+def test_a_bad_step_found_after_the_next_was_queued_changes_no_weights(tiny_model_dir, demo_kept, tmp_path):
+    """The device guard: step 5 is queued before step 4 is read (nothing waits for the GPU), so
+    when step 4's loss turns out NaN, neither its update nor step 5's (a good one) may reach the
+    adapter."""
+    from loraforge.train.recipe import TrainRun
+
+    settings = {"train.max_steps": 8, "train.scheduler": "constant", "train.checkpoint_every": 1000, "train.eval_fraction": 0.0}
+    launched = []
+
+    class Poisoned(TrainRun):
+        def _launch_step(self, step):
+            launched.append((step, self.step))  # (step queued, steps read by then)
+            base = next(p for name, p in self.model.named_parameters() if not p.requires_grad and "layers.1.mlp" in name)
+            with torch.no_grad():
+                if step == 3:  # the 4th step's loss is NaN (a NaN in a base weight)
+                    self.kept = base.view(-1)[0].item()
+                    base.view(-1)[0] = float("nan")
+                elif step == 4:  # the 5th is good again
+                    base.view(-1)[0] = self.kept
+            return super()._launch_step(step)
+
+    run = Poisoned(train_config(tiny_model_dir, demo_kept, tmp_path / "bad", **settings), show_progress=False)
+    run.setup()
+    assert run.device_guard
+    with pytest.raises(TrainingDiverged, match=r"step 4: loss nan.*adapter of step 3"):
+        run.train()
+    assert (4, 3) in launched  # step 5 was queued before step 4 was read
+    good = train(train_config(tiny_model_dir, demo_kept, tmp_path / "good", **settings | {"train.max_steps": 3}), show_progress=False)
+    assert good.steps == 3
+    bad = load_file(tmp_path / "bad" / "adapter" / "adapter_model.safetensors")
+    assert bad.keys() == (ref := load_file(tmp_path / "good" / "adapter" / "adapter_model.safetensors")).keys()
+    assert all(torch.equal(bad[k], ref[k]) for k in ref)  # the weights of step 3, exactly
+
+
+def test_the_device_guard_stops_where_the_synchronous_one_does(tiny_model_dir, demo_kept, tmp_path):
+    """The spike rule on the device (running average, warm-up, factor) against the host's: the
+    6th step's loss jumps (a base weight scaled up), and both stop there with the same numbers."""
+    from loraforge.train.recipe import TrainRun
+
+    settings = {"train.max_steps": 12, "train.spike_factor": 1.5, "train.spike_warmup": 2,
+                "train.scheduler": "constant", "train.checkpoint_every": 1000, "train.eval_fraction": 0.0}
+
+    class Spiked(TrainRun):
+        def _launch_step(self, step):
+            if step == 5:
+                with torch.no_grad():
+                    self.model.get_base_model().lm_head.weight.mul_(30)
+            return super()._launch_step(step)
+
+    stops = []
+    for on_device in (True, False):
+        run = Spiked(train_config(tiny_model_dir, demo_kept, tmp_path / str(on_device), **settings), show_progress=False)
+        run.setup()
+        run.device_guard = on_device
+        with pytest.raises(TrainingDiverged, match=r"step 6: loss [0-9.]+ is [0-9.]+x its running average") as stopped:
+            run.train()
+        stops.append(str(stopped.value).replace(str(tmp_path / str(on_device)), "RUN"))
+    assert stops[0] == stops[1]
+
+
 def _cli_train(model_dir, data, out, *extra):
     args = [sys.executable, "-m", "loraforge.cli", "train", "--model", str(model_dir), "--data", str(data), "--out", str(out),
             "--max-steps", "24", "--set", "train.checkpoint_every=3", "--set", "train.micro_batch_size=1",

@@ -203,12 +203,13 @@ def run_loraforge(model_dir, samples, quant, args, budget_gib: float | None, pla
         def save_adapter(self, status: str) -> None:
             return None
 
-        def _train_step(self):
-            if not (args.profile and self.step == args.warmup - 1):
-                return super()._train_step()
-            # the last warm-up step (not timed): where the GPU's time goes
+        def _launch_step(self, step):
+            if not (args.profile and step == args.warmup - 1):
+                return super()._launch_step(step)
+            # the last warm-up step (not timed): where the GPU's time goes (``profiled`` waits for
+            # the GPU before and after, so no other step's work is in it)
             with profiled(args.out / f"profile-{args.engine}-{args.case}-{args.quant}.txt"):
-                return super()._train_step()
+                return super()._launch_step(step)
 
     run = BenchRun(load_config(overrides=overrides), show_progress=False)
     run.setup()

@@ -47,10 +47,16 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
     def to(self, device) -> Batch:
+        device = torch.device(device)
+        if device.type == "cuda":  # a plain copy to the GPU first waits for all its queued work (the
+            # previous step), which leaves it idle while this step is launched: pinned, non-blocking
+            move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+        else:
+            move = lambda t: t.to(device)  # noqa: E731
         return Batch(
-            self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device),
-            None if self.attention_mask is None else self.attention_mask.to(device), self.real_tokens,
-            None if self.cu_seqlens is None else self.cu_seqlens.to(device), self.max_len,
+            move(self.input_ids), move(self.labels), move(self.position_ids),
+            None if self.attention_mask is None else move(self.attention_mask), self.real_tokens,
+            None if self.cu_seqlens is None else move(self.cu_seqlens), self.max_len,
         )
 
 

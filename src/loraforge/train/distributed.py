@@ -183,17 +183,18 @@ def no_sync(engine, last: bool):
     return engine.no_sync()
 
 
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    """Clip by the global gradient norm (sharded FSDP gradients included); returns the norm."""
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Clip by the global gradient norm (sharded FSDP gradients included); returns the norm, a
+    0-d tensor on the gradients' device (reading it waits for the GPU)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros((), device=params[0].device if params else "cpu")
     norm = torch.nn.utils.get_total_norm(grads, 2.0)
     if hasattr(norm, "full_tensor"):  # a DTensor: the norm of this rank's shards, made global
         norm = norm.full_tensor()
     if max_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm)
+    return norm
 
 
 # ---- checkpoints ----------------------------------------------------------------------------

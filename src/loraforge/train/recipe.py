@@ -54,6 +54,19 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Step:
+    """An optimizer step launched on the device; ``TrainRun._finish_step`` reads its numbers."""
+
+    index: int  # 0-based
+    launched: float  # perf_counter at launch
+    lr: float  # the learning rate it used
+    read: tuple | None = None  # the synchronous guard's numbers, read at launch
+    host: torch.Tensor | None = None  # the device guard's: loss, grad norm, tripped, average before and after
+    done: torch.cuda.Event | None = None  # recorded after the copy of ``host`` (CUDA)
+    ranks: list[list[float]] | None = None
+
+
 class TrainRun:
     def __init__(self, config: LoraforgeConfig, resume: bool = False, show_progress: bool = True, console=None, processes: int | None = None):
         self.config, self.cfg = config, config.train
@@ -260,8 +273,15 @@ class TrainRun:
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.params = params
-        fused = self.device.type == "cuda" and self.strategy != "fsdp"  # sharded (DTensor) parameters: foreach
+        fused = self.strategy != "fsdp"  # sharded (DTensor) parameters: foreach
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
+        # fused AdamW skips an update on the device when its ``found_inf`` is set (the protocol of
+        # torch's GradScaler): the loss guard then needs no answer from the GPU before the update,
+        # and the next step can be queued before this one is read (``_launch_step``). Several
+        # processes keep the synchronous guard (their numbers are gathered anyway).
+        self.device_guard = fused and not self.dist.enabled
+        self._ema_dev: torch.Tensor | None = None  # the guard's running average (NaN: none yet)
+        self._tripped: torch.Tensor | None = None  # 1 once a step was bad: every later update is skipped too
         warmup = int(self.cfg.warmup_ratio * self.total_steps)
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[self.cfg.scheduler]
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
@@ -310,18 +330,25 @@ class TrainRun:
         status, last_loss, eval_loss = "completed", None, None
         progress = _progress(self.show_progress and main, self.total_steps, self.step)
         started = time.perf_counter() - self.elapsed
+        self._launching, last_read, ahead = self.step, 0.0, None
         try:
             with progress:
                 while self.step < self.total_steps:
-                    t0 = time.perf_counter()
-                    loss, tokens, grad_norm, ranks = self._train_step()
+                    current = ahead if ahead is not None else self._launch_step(self.step)
+                    # queue the next step before reading this one: the GPU goes on while this
+                    # one's numbers are logged (``_may_run_ahead`` says where it must not)
+                    ahead = self._launch_step(self.step + 1) if self._may_run_ahead(self.step + 1) else None
+                    loss, tokens, grad_norm, ranks = self._finish_step(current)
+                    now = time.perf_counter()
+                    # the step ran from its launch, or from the end of the step before if queued behind it
+                    seconds, last_read = now - max(current.launched, last_read), now
                     self.step += 1
                     self.tokens_seen += tokens
-                    self.elapsed = time.perf_counter() - started
+                    self.elapsed = now - started
                     last_loss = loss
                     record = {
-                        "step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                        "tokens": tokens, "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9), "elapsed_s": self.elapsed,
+                        "step": self.step, "loss": loss, "lr": current.lr, "grad_norm": grad_norm,
+                        "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9), "elapsed_s": self.elapsed,
                     }
                     if self.device.type == "cuda":
                         self.peak_memory_per_rank = [int(r[2]) for r in ranks]
@@ -345,7 +372,7 @@ class TrainRun:
         except torch.cuda.OutOfMemoryError as exc:
             parts = ", ".join(f"{k} {v / pf.GiB:.2f} GiB" for k, v in self.memory_estimate.items())
             raise OutOfMemory(
-                f"CUDA out of memory at step {self.step + 1} (estimate: {parts}; plan: {self.memory_plan.describe()}). "
+                f"CUDA out of memory at step {self._launching + 1} (estimate: {parts}; plan: {self.memory_plan.describe()}). "
                 "Lower train.memory_budget_gib (the planner then recomputes more layers, and offloads their inputs "
                 "at the lowest), lower train.micro_batch_size (and raise train.grad_accum), shorten train.max_seq_length, "
                 "or use train.quantization: nf4"
@@ -359,15 +386,17 @@ class TrainRun:
         self.save_adapter(status=status)
         return TrainResult(self.out, self.step, status, last_loss, eval_loss, self.findings, self.final_metrics(last_loss, eval_loss))
 
-    def _train_step(self) -> tuple[float, int, float, list[list[float]]]:
-        """One optimizer step: this rank's micro-batches, each loss divided by the supervised
-        tokens of the whole step (all ranks), times the world size that gradient averaging
-        divides by again. Returns loss, tokens (all ranks), gradient norm, per-rank numbers."""
+    def _launch_step(self, step: int) -> "_Step":
+        """Queue optimizer step ``step`` (0-based): this rank's micro-batches, each loss divided by
+        the supervised tokens of the whole step (all ranks), times the world size that gradient
+        averaging divides by again, then the update. With the device guard nothing here waits
+        for the GPU; ``_finish_step`` reads the numbers."""
+        self._launching, launched = step, time.perf_counter()
         world = self.dist.world
-        micro = self.global_micro_batches(self.step)
+        micro = self.global_micro_batches(step)
         supervised = max(self.supervised_tokens(micro), 1)  # the same on every rank
         mine = dist_mod.shard_micro_batches(micro, self.dist.rank, self.dist.world)
-        torch.manual_seed((self.cfg.seed * 1_000_003 + self.step) * 1_009 + self.dist.rank)  # dropout: f(seed, step, rank)
+        torch.manual_seed((self.cfg.seed * 1_000_003 + step) * 1_009 + self.dist.rank)  # dropout: f(seed, step, rank)
         loss_sum, tokens = torch.zeros((), device=self.device), 0
         for i, ids in enumerate(mine):
             b = self.batch(self.train_rows, ids, self.train_samples)
@@ -379,26 +408,86 @@ class TrainRun:
         cuda = self.device.type == "cuda"
         memory = torch.cuda.max_memory_allocated(self.device) if cuda else 0
         utilization = _gpu_utilization(self.device) if cuda and self.cfg.metrics_port else -1
-        ranks = dist_mod.gather_stats(self.dist, [float(loss_sum), tokens, memory, utilization], self.device)
-        total = sum(r[0] for r in ranks)
-        self._check_loss(total)  # the same total on every rank: all stop together or none
+        lr = self.scheduler.get_last_lr()[0]
+        if not self.device_guard:
+            ranks = dist_mod.gather_stats(self.dist, [float(loss_sum), tokens, memory, utilization], self.device)
+            total = sum(r[0] for r in ranks)
+            self._check_loss(total, step)  # the same total on every rank: all stop together or none
+            grad_norm = float(dist_mod.clip_gradients(self.params, self.cfg.max_grad_norm))
+            self._update()
+            return _Step(step, launched, lr, read=(total, int(sum(r[1] for r in ranks)), grad_norm, ranks))
         grad_norm = dist_mod.clip_gradients(self.params, self.cfg.max_grad_norm)
+        before = self._guard(loss_sum, step)
+        self.optimizer.found_inf = self._tripped  # a bad step (or any after it) changes nothing
+        self._update()
+        numbers = torch.stack([loss_sum.float(), grad_norm.float(), self._tripped, before, self._ema_dev])
+        host = torch.empty(numbers.shape, pin_memory=cuda)
+        host.copy_(numbers, non_blocking=cuda)
+        done = torch.cuda.Event() if cuda else None
+        if done is not None:
+            done.record()
+        return _Step(step, launched, lr, host=host, done=done, ranks=[[math.nan, tokens, memory, utilization]])
+
+    def _update(self) -> None:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, int(sum(r[1] for r in ranks)), grad_norm, ranks
 
-    def _check_loss(self, loss: float) -> None:
+    def _guard(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """``_check_loss`` on the device: trips (for good) on a non-finite loss or a spike, and
+        keeps the running average of good losses. Returns the average before this step."""
         cfg = self.cfg
-        spiked = self.ema is not None and self.step >= cfg.spike_warmup and loss > cfg.spike_factor * self.ema
+        if self._ema_dev is None:  # torch.full: no copy from the host, which would wait for the GPU
+            self._ema_dev = torch.full((), math.nan if self.ema is None else self.ema, device=self.device)
+            self._tripped = torch.zeros((), device=self.device)
+        before = self._ema_dev
+        ok = torch.isfinite(loss)
+        if step >= cfg.spike_warmup:  # NaN (no average yet) compares False: no spike
+            ok &= ~(loss > cfg.spike_factor * before)
+        self._ema_dev = torch.where(ok, torch.where(torch.isnan(before), loss, 0.9 * before + 0.1 * loss), before)
+        self._tripped = torch.maximum(self._tripped, (~ok).float())
+        return before
+
+    def _may_run_ahead(self, step: int) -> bool:
+        """Whether step ``step`` may be queued before step ``step - 1`` is read: with the device
+        guard, and not where step ``step - 1``'s weights must be seen first (an evaluation, a
+        checkpoint, the end)."""
+        cfg = self.cfg  # once step - 1 is read, ``step`` steps are done: the loop's conditions test that
+        return (
+            self.device_guard and step < self.total_steps and step % cfg.checkpoint_every != 0
+            and not (self.eval_rows and step % cfg.eval_every == 0)
+        )
+
+    def _finish_step(self, s: "_Step") -> tuple[float, int, float, list[list[float]]]:
+        """Loss, tokens (all ranks), gradient norm and per-rank numbers of a launched step,
+        waiting for it if needed; raises ``TrainingDiverged`` if its guard tripped."""
+        if s.read is not None:
+            return s.read
+        if s.done is not None:
+            s.done.synchronize()  # this step only: work queued after it goes on
+        loss, grad_norm, tripped, before, after = s.host.tolist()
+        if tripped:
+            self.ema = None if math.isnan(before) else before
+            self._diverged(loss, s.index)
+        self.ema = None if math.isnan(after) else after
+        s.ranks[0][0] = loss
+        return loss, s.ranks[0][1], grad_norm, s.ranks
+
+    def _check_loss(self, loss: float, step: int) -> None:
+        cfg = self.cfg
+        spiked = self.ema is not None and step >= cfg.spike_warmup and loss > cfg.spike_factor * self.ema
         if math.isfinite(loss) and not spiked:
             self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
             return
         self.optimizer.zero_grad(set_to_none=True)  # the bad gradient is never applied
-        sources = [self.train_samples[i].source for ids in self.global_micro_batches(self.step) for r in ids for i in self.train_rows[r]][:5]
+        self._diverged(loss, step)
+
+    def _diverged(self, loss: float, step: int) -> None:
+        cfg = self.cfg
+        sources = [self.train_samples[i].source for ids in self.global_micro_batches(step) for r in ids for i in self.train_rows[r]][:5]
         what = f"loss {loss}" if not math.isfinite(loss) else f"loss {loss:.3f} is {loss / self.ema:.1f}x its running average {self.ema:.3f}"
         raise TrainingDiverged(
-            f"training stopped at step {self.step + 1}: {what}. The adapter of step {self.step} (the last good weights) "
+            f"training stopped at step {step + 1}: {what}. The adapter of step {step} (the last good weights) "
             f"is saved in {self.out / 'adapter'}. Likely causes: learning rate too high (train.lr {cfg.lr:g}; try half); "
             f"fp16 overflow (use bf16 or fp32); broken samples in this batch, first ones from {sources}; "
             "NaN / inf in the base weights"
