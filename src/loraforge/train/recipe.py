@@ -59,11 +59,12 @@ class _Step:
     """An optimizer step launched on the device; ``TrainRun._finish_step`` reads its numbers."""
 
     index: int  # 0-based
-    launched: float  # perf_counter at launch
     lr: float  # the learning rate it used
+    seconds: float  # how long it took (on the GPU's clock once read, where ``started`` is set)
     read: tuple | None = None  # the synchronous guard's numbers, read at launch
     host: torch.Tensor | None = None  # the device guard's: loss, grad norm, tripped, average before and after
-    done: torch.cuda.Event | None = None  # recorded after the copy of ``host`` (CUDA)
+    started: torch.cuda.Event | None = None  # CUDA: recorded before the step's first work
+    done: torch.cuda.Event | None = None  # and after the copy of ``host``
     ranks: list[list[float]] | None = None
 
 
@@ -330,7 +331,7 @@ class TrainRun:
         status, last_loss, eval_loss = "completed", None, None
         progress = _progress(self.show_progress and main, self.total_steps, self.step)
         started = time.perf_counter() - self.elapsed
-        self._launching, last_read, ahead = self.step, 0.0, None
+        self._launching, ahead = self.step, None
         try:
             with progress:
                 while self.step < self.total_steps:
@@ -340,15 +341,13 @@ class TrainRun:
                     ahead = self._launch_step(self.step + 1) if self._may_run_ahead(self.step + 1) else None
                     loss, tokens, grad_norm, ranks = self._finish_step(current)
                     now = time.perf_counter()
-                    # the step ran from its launch, or from the end of the step before if queued behind it
-                    seconds, last_read = now - max(current.launched, last_read), now
                     self.step += 1
                     self.tokens_seen += tokens
                     self.elapsed = now - started
                     last_loss = loss
                     record = {
                         "step": self.step, "loss": loss, "lr": current.lr, "grad_norm": grad_norm,
-                        "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9), "elapsed_s": self.elapsed,
+                        "tokens": tokens, "tokens_per_s": tokens / max(current.seconds, 1e-9), "elapsed_s": self.elapsed,
                     }
                     if self.device.type == "cuda":
                         self.peak_memory_per_rank = [int(r[2]) for r in ranks]
@@ -392,6 +391,12 @@ class TrainRun:
         averaging divides by again, then the update. With the device guard nothing here waits
         for the GPU; ``_finish_step`` reads the numbers."""
         self._launching, launched = step, time.perf_counter()
+        cuda = self.device.type == "cuda"
+        # on the GPU's clock: from where the GPU reaches this step (behind the one before, when
+        # queued early) to its end; the host's clock only says when the launch returned
+        started = torch.cuda.Event(enable_timing=True) if cuda and self.device_guard else None
+        if started is not None:
+            started.record()
         world = self.dist.world
         micro = self.global_micro_batches(step)
         supervised = max(self.supervised_tokens(micro), 1)  # the same on every rank
@@ -405,7 +410,6 @@ class TrainRun:
                 (loss * world).backward()
             loss_sum += loss.detach()
             tokens += b.real_tokens
-        cuda = self.device.type == "cuda"
         memory = torch.cuda.max_memory_allocated(self.device) if cuda else 0
         utilization = _gpu_utilization(self.device) if cuda and self.cfg.metrics_port else -1
         lr = self.scheduler.get_last_lr()[0]
@@ -415,7 +419,8 @@ class TrainRun:
             self._check_loss(total, step)  # the same total on every rank: all stop together or none
             grad_norm = float(dist_mod.clip_gradients(self.params, self.cfg.max_grad_norm))
             self._update()
-            return _Step(step, launched, lr, read=(total, int(sum(r[1] for r in ranks)), grad_norm, ranks))
+            read = (total, int(sum(r[1] for r in ranks)), grad_norm, ranks)
+            return _Step(step, lr, time.perf_counter() - launched, read=read)  # it waited for the GPU: the host's clock
         grad_norm = dist_mod.clip_gradients(self.params, self.cfg.max_grad_norm)
         before = self._guard(loss_sum, step)
         self.optimizer.found_inf = self._tripped  # a bad step (or any after it) changes nothing
@@ -423,10 +428,12 @@ class TrainRun:
         numbers = torch.stack([loss_sum.float(), grad_norm.float(), self._tripped, before, self._ema_dev])
         host = torch.empty(numbers.shape, pin_memory=cuda)
         host.copy_(numbers, non_blocking=cuda)
-        done = torch.cuda.Event() if cuda else None
-        if done is not None:
-            done.record()
-        return _Step(step, launched, lr, host=host, done=done, ranks=[[math.nan, tokens, memory, utilization]])
+        ranks = [[math.nan, tokens, memory, utilization]]
+        if started is None:  # the CPU: the launch did the work
+            return _Step(step, lr, time.perf_counter() - launched, host=host, ranks=ranks)
+        done = torch.cuda.Event(enable_timing=True)
+        done.record()
+        return _Step(step, lr, 0.0, host=host, started=started, done=done, ranks=ranks)
 
     def _update(self) -> None:
         self.optimizer.step()
@@ -465,6 +472,7 @@ class TrainRun:
             return s.read
         if s.done is not None:
             s.done.synchronize()  # this step only: work queued after it goes on
+            s.seconds = s.started.elapsed_time(s.done) / 1e3
         loss, grad_norm, tripped, before, after = s.host.tolist()
         if tripped:
             self.ema = None if math.isnan(before) else before
