@@ -195,7 +195,9 @@ def run_loraforge(model_dir, samples, quant, args, budget_gib: float | None, pla
             self.use_samples(samples, [])
 
         def _epoch_order(self, epoch: int) -> list[int]:
-            return list(range(len(self.train_rows)))  # rows in the data's order, as the other engines see it
+            if len(getattr(self, "_in_order", ())) != len(self.train_rows):  # made once, read every step
+                self._in_order = list(range(len(self.train_rows)))
+            return self._in_order  # rows in the data's order, as the other engines see it
 
         def save_checkpoint(self, keep: int = 2):
             return None  # not part of the measurement
