@@ -170,3 +170,14 @@ def test_jsonl_line_is_one_line_of_the_same_value(value):
     assert text.endswith("\n") and len(text.splitlines()) == 1
     assert not any(c in text for c in "\u2028\u2029\x85")
     assert json.loads(text) == {"messages": value, "source": {"file": "f\u2028.jsonl", "line": 1}}
+
+
+def test_a_lone_surrogate_is_rejected_by_name_not_a_crash(tmp_path, tiny_tokenizer):
+    """JSON may escape half a surrogate pair ("\\ud800"): the standard library decodes it to a
+    string no tokenizer or UTF-8 writer takes. The record is rejected, naming the field."""
+    data = tmp_path / "s.jsonl"
+    data.write_bytes(b'{"prompt": "Say hi \\ud800", "completion": "Hi."}\n{"prompt": "Say hi \\ud83d\\ude00", "completion": "Hi!"}\n')
+    report, kept, rejected = gate(tmp_path, [data], tiny_tokenizer)
+    assert report.input == 2 and report.kept == 1 and kept[0]["messages"][0]["content"] == "Say hi \U0001f600"
+    assert rejected[0]["reason"] == "schema" and rejected[0]["detail"].startswith("prompt: holds a lone surrogate (\\ud800")
+    assert rejected[0]["source"]["line"] == 1

@@ -1,6 +1,7 @@
 """The recipe on tiny models: normalization, preflight, NaN stop, resume, PEFT, merge."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -173,6 +174,7 @@ def test_a_bad_step_found_after_the_next_was_queued_changes_no_weights(tiny_mode
     run = Poisoned(train_config(tiny_model_dir, demo_kept, tmp_path / "bad", **settings), show_progress=False)
     run.setup()
     assert run.device_guard
+    run.run_ahead = True  # as on CUDA (on the CPU the launch does the work, so it is off there)
     with pytest.raises(TrainingDiverged, match=r"step 4: loss nan.*adapter of step 3"):
         run.train()
     assert (4, 3) in launched  # step 5 was queued before step 4 was read
@@ -207,6 +209,86 @@ def test_the_device_guard_stops_where_the_synchronous_one_does(tiny_model_dir, d
             run.train()
         stops.append(str(stopped.value).replace(str(tmp_path / str(on_device)), "RUN"))
     assert stops[0] == stops[1]
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _guard_stop(losses, warmup, on_device):
+    """Where the loss guard trips on ``losses`` (step index or None), and the running average then."""
+    from types import SimpleNamespace
+
+    from loraforge.train.recipe import TrainRun
+
+    class Probe(TrainRun):
+        def __init__(self):  # only what the guards read
+            self.cfg = SimpleNamespace(spike_warmup=warmup, spike_factor=1.5)
+            self.ema, self.device, self._ema_dev, self._tripped = None, torch.device("cpu"), None, None
+            self.optimizer = SimpleNamespace(zero_grad=lambda set_to_none: None)
+
+        def _diverged(self, loss, step):
+            raise _Stopped
+
+    run = Probe()
+    for step, loss in enumerate(losses):
+        if on_device:
+            before = run._guard(torch.tensor(loss, dtype=torch.float32), step)
+            if run._tripped.item():
+                return step, before.item()
+        else:
+            average = run.ema
+            try:
+                run._check_loss(loss, step)
+            except _Stopped:
+                return step, average
+    return None, run.ema if not on_device else run._ema_dev.item()
+
+
+@pytest.mark.parametrize(
+    ("losses", "warmup", "stop"),
+    [
+        ([5.0, 5.0, 5.0, 30.0, 5.0, 5.0], 3, 3),  # the spike at the first step the rule covers
+        ([5.0, 5.0, 5.0, 30.0, 5.0, 5.0], 4, None),  # one step earlier: taken into the average instead
+        ([5.0, float("nan"), 5.0], 10, 1),  # non-finite: whatever the warm-up
+        ([float("inf")], 10, 0),
+        ([30.0, 5.0, 5.0], 0, None),  # no average yet at the first step: no spike
+    ],
+)
+def test_the_device_guard_rule_is_the_host_rule(losses, warmup, stop):
+    host, device = _guard_stop(losses, warmup, on_device=False), _guard_stop(losses, warmup, on_device=True)
+    assert host[0] == device[0] == stop
+    assert host[1] == pytest.approx(device[1], nan_ok=True) if host[1] is not None else math.isnan(device[1])
+
+
+def test_steps_queued_ahead_leave_evaluations_and_checkpoints_as_they_were(tiny_model_dir, demo_kept, tmp_path):
+    """Queued ahead (as on CUDA) or not: the same evaluations, checkpoints, losses and adapter."""
+    from loraforge.train.recipe import TrainRun
+
+    settings = {"train.max_steps": 7, "train.eval_every": 2, "train.checkpoint_every": 3, "train.scheduler": "constant"}
+    runs = []
+    for ahead in (True, False):
+        launched = []
+
+        class Recorded(TrainRun):
+            def _launch_step(self, step):
+                launched.append(step - self.step)  # 1: queued before the step before it was read
+                return super()._launch_step(step)
+
+        out = tmp_path / str(ahead)
+        run = Recorded(train_config(tiny_model_dir, demo_kept, out, **settings), show_progress=False)
+        run.setup()
+        run.run_ahead = run.device_guard = ahead
+        run.train()
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+        runs.append((launched, rows, checkpoints, load_file(out / "adapter" / "adapter_model.safetensors")))
+    (ahead_launched, ahead_rows, ahead_ckpts, ahead_adapter), (_, rows, ckpts, adapter) = runs
+    assert ahead_launched.count(1) == 2  # steps 2 and 6 were queued early (1-based), nothing else
+    assert [r.get("eval_loss") for r in ahead_rows] == [r.get("eval_loss") for r in rows]
+    assert [r["loss"] for r in ahead_rows] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert ahead_ckpts == ckpts
+    assert all(torch.equal(ahead_adapter[k], adapter[k]) for k in adapter)
 
 
 def _cli_train(model_dir, data, out, *extra):

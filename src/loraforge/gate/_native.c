@@ -128,8 +128,9 @@ static PyObject *minhash(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_ssize_t perms = a.len / 8, shingles = s.len / 8;
-    if (b.len != a.len || bands < 0 || rows < 0 || bands * rows > perms) {
-        PyErr_SetString(PyExc_ValueError, b.len != a.len ? "a and b differ in length" : "bands x rows exceeds the permutations");
+    /* rows == 0: the signature form; else bands >= 1 of rows each, within the permutations */
+    if (b.len != a.len || bands < 0 || rows < 0 || (bands == 0) != (rows == 0) || (rows && bands > perms / rows)) {
+        PyErr_SetString(PyExc_ValueError, b.len != a.len ? "a and b differ in length" : "bands and rows: both 0, or bands x rows within the permutations");
         PyBuffer_Release(&s);
         PyBuffer_Release(&a);
         PyBuffer_Release(&b);

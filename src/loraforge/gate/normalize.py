@@ -41,15 +41,22 @@ class SchemaError(ValueError):
 
 def _text(value: Any, where: str) -> str:
     if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # OpenAI content parts: only text parts are trainable here
+        text = value
+    elif isinstance(value, list):  # OpenAI content parts: only text parts are trainable here
         parts = []
         for i, part in enumerate(value):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise SchemaError(f"{where}[{i}]: only text content parts are supported, got {_kind(part)}")
             parts.append(part["text"])
-        return "".join(parts)
-    raise SchemaError(f"{where}: expected a string, got {_kind(value)}")
+        text = "".join(parts)
+    else:
+        raise SchemaError(f"{where}: expected a string, got {_kind(value)}")
+    if not text.isascii():
+        try:  # JSON's \ud800 escapes decode to lone surrogates: no character, no tokens, no UTF-8
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SchemaError(f"{where}: holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character {exc.start}), which is no Unicode character") from None
+    return text
 
 
 def _kind(value: Any) -> str:

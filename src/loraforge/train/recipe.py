@@ -63,7 +63,7 @@ class _Step:
     seconds: float  # how long it took (on the GPU's clock once read, where ``started`` is set)
     read: tuple | None = None  # the synchronous guard's numbers, read at launch
     host: torch.Tensor | None = None  # the device guard's: loss, grad norm, tripped, average before and after
-    started: torch.cuda.Event | None = None  # CUDA: recorded before the step's first work
+    started: torch.cuda.Event | None = None  # CUDA: before the step's first work, or the end of the step it was queued behind
     done: torch.cuda.Event | None = None  # and after the copy of ``host``
     ranks: list[list[float]] | None = None
 
@@ -281,6 +281,9 @@ class TrainRun:
         # and the next step can be queued before this one is read (``_launch_step``). Several
         # processes keep the synchronous guard (their numbers are gathered anyway).
         self.device_guard = fused and not self.dist.enabled
+        # queue ahead on the GPU only: on the CPU the launch does the work, so running ahead
+        # would only log every step one step late
+        self.run_ahead = self.device_guard and self.device.type == "cuda"
         self._ema_dev: torch.Tensor | None = None  # the guard's running average (NaN: none yet)
         self._tripped: torch.Tensor | None = None  # 1 once a step was bad: every later update is skipped too
         warmup = int(self.cfg.warmup_ratio * self.total_steps)
@@ -331,16 +334,19 @@ class TrainRun:
         status, last_loss, eval_loss = "completed", None, None
         progress = _progress(self.show_progress and main, self.total_steps, self.step)
         started = time.perf_counter() - self.elapsed
-        self._launching, ahead = self.step, None
+        self._launching, ahead, previous = self.step, None, None
         try:
             with progress:
                 while self.step < self.total_steps:
+                    if ahead is not None and previous is not None and previous.done is not None:
+                        ahead.started = previous.done  # queued behind it: timed from its end, so a
+                        # GPU waiting for the host between the two still counts
                     current = ahead if ahead is not None else self._launch_step(self.step)
                     # queue the next step before reading this one: the GPU goes on while this
                     # one's numbers are logged (``_may_run_ahead`` says where it must not)
                     ahead = self._launch_step(self.step + 1) if self._may_run_ahead(self.step + 1) else None
                     loss, tokens, grad_norm, ranks = self._finish_step(current)
-                    now = time.perf_counter()
+                    previous, now = current, time.perf_counter()
                     self.step += 1
                     self.tokens_seen += tokens
                     self.elapsed = now - started
@@ -402,7 +408,7 @@ class TrainRun:
         supervised = max(self.supervised_tokens(micro), 1)  # the same on every rank
         mine = dist_mod.shard_micro_batches(micro, self.dist.rank, self.dist.world)
         torch.manual_seed((self.cfg.seed * 1_000_003 + step) * 1_009 + self.dist.rank)  # dropout: f(seed, step, rank)
-        loss_sum, tokens = torch.zeros((), device=self.device), 0
+        loss_sum, tokens = torch.zeros((), dtype=torch.float32, device=self.device), 0
         for i, ids in enumerate(mine):
             b = self.batch(self.train_rows, ids, self.train_samples)
             with dist_mod.no_sync(self.engine, last=i == len(mine) - 1):
@@ -445,8 +451,8 @@ class TrainRun:
         keeps the running average of good losses. Returns the average before this step."""
         cfg = self.cfg
         if self._ema_dev is None:  # torch.full: no copy from the host, which would wait for the GPU
-            self._ema_dev = torch.full((), math.nan if self.ema is None else self.ema, device=self.device)
-            self._tripped = torch.zeros((), device=self.device)
+            self._ema_dev = torch.full((), math.nan if self.ema is None else self.ema, dtype=torch.float32, device=self.device)
+            self._tripped = torch.zeros((), dtype=torch.float32, device=self.device)  # found_inf is read as fp32
         before = self._ema_dev
         ok = torch.isfinite(loss)
         if step >= cfg.spike_warmup:  # NaN (no average yet) compares False: no spike
@@ -456,12 +462,12 @@ class TrainRun:
         return before
 
     def _may_run_ahead(self, step: int) -> bool:
-        """Whether step ``step`` may be queued before step ``step - 1`` is read: with the device
-        guard, and not where step ``step - 1``'s weights must be seen first (an evaluation, a
+        """Whether step ``step`` may be queued before step ``step - 1`` is read: on the GPU with
+        the device guard, and not where step ``step - 1``'s weights must be seen first (an evaluation, a
         checkpoint, the end)."""
         cfg = self.cfg  # once step - 1 is read, ``step`` steps are done: the loop's conditions test that
         return (
-            self.device_guard and step < self.total_steps and step % cfg.checkpoint_every != 0
+            self.run_ahead and step < self.total_steps and step % cfg.checkpoint_every != 0
             and not (self.eval_rows and step % cfg.eval_every == 0)
         )
 
