@@ -422,13 +422,13 @@ class TrainRun:
         if not self.device_guard:
             ranks = dist_mod.gather_stats(self.dist, [float(loss_sum), tokens, memory, utilization], self.device)
             total = sum(r[0] for r in ranks)
-            self._check_loss(total, step)  # the same total on every rank: all stop together or none
             grad_norm = float(dist_mod.clip_gradients(self.params, self.cfg.max_grad_norm))
+            self._check_loss(total, step, grad_norm)  # the same on every rank: all stop together or none
             self._update()
             read = (total, int(sum(r[1] for r in ranks)), grad_norm, ranks)
             return _Step(step, lr, time.perf_counter() - launched, read=read)  # it waited for the GPU: the host's clock
         grad_norm = dist_mod.clip_gradients(self.params, self.cfg.max_grad_norm)
-        before = self._guard(loss_sum, step)
+        before = self._guard(loss_sum, grad_norm, step)
         self.optimizer.found_inf = self._tripped  # a bad step (or any after it) changes nothing
         self._update()
         numbers = torch.stack([loss_sum.float(), grad_norm.float(), self._tripped, before, self._ema_dev])
@@ -446,15 +446,15 @@ class TrainRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _guard(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        """``_check_loss`` on the device: trips (for good) on a non-finite loss or a spike, and
-        keeps the running average of good losses. Returns the average before this step."""
+    def _guard(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> torch.Tensor:
+        """``_check_loss`` on the device: trips (for good) on a non-finite loss or gradient or a
+        spike, and keeps the running average of good losses. Returns the average before this step."""
         cfg = self.cfg
         if self._ema_dev is None:  # torch.full: no copy from the host, which would wait for the GPU
             self._ema_dev = torch.full((), math.nan if self.ema is None else self.ema, dtype=torch.float32, device=self.device)
             self._tripped = torch.zeros((), dtype=torch.float32, device=self.device)  # found_inf is read as fp32
         before = self._ema_dev
-        ok = torch.isfinite(loss)
+        ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
         if step >= cfg.spike_warmup:  # NaN (no average yet) compares False: no spike
             ok &= ~(loss > cfg.spike_factor * before)
         self._ema_dev = torch.where(ok, torch.where(torch.isnan(before), loss, 0.9 * before + 0.1 * loss), before)
@@ -482,24 +482,29 @@ class TrainRun:
         loss, grad_norm, tripped, before, after = s.host.tolist()
         if tripped:
             self.ema = None if math.isnan(before) else before
-            self._diverged(loss, s.index)
+            self._diverged(loss, s.index, grad_norm)
         self.ema = None if math.isnan(after) else after
         s.ranks[0][0] = loss
         return loss, s.ranks[0][1], grad_norm, s.ranks
 
-    def _check_loss(self, loss: float, step: int) -> None:
+    def _check_loss(self, loss: float, step: int, grad_norm: float) -> None:
         cfg = self.cfg
         spiked = self.ema is not None and step >= cfg.spike_warmup and loss > cfg.spike_factor * self.ema
-        if math.isfinite(loss) and not spiked:
+        if math.isfinite(loss) and math.isfinite(grad_norm) and not spiked:
             self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
             return
         self.optimizer.zero_grad(set_to_none=True)  # the bad gradient is never applied
-        self._diverged(loss, step)
+        self._diverged(loss, step, grad_norm)
 
-    def _diverged(self, loss: float, step: int) -> None:
+    def _diverged(self, loss: float, step: int, grad_norm: float) -> None:
         cfg = self.cfg
         sources = [self.train_samples[i].source for ids in self.global_micro_batches(step) for r in ids for i in self.train_rows[r]][:5]
-        what = f"loss {loss}" if not math.isfinite(loss) else f"loss {loss:.3f} is {loss / self.ema:.1f}x its running average {self.ema:.3f}"
+        if not math.isfinite(loss):
+            what = f"loss {loss}"
+        elif not math.isfinite(grad_norm):  # a finite loss whose backward overflowed
+            what = f"gradient norm {grad_norm} (loss {loss:.3f})"
+        else:
+            what = f"loss {loss:.3f} is {loss / self.ema:.1f}x its running average {self.ema:.3f}"
         raise TrainingDiverged(
             f"training stopped at step {step + 1}: {what}. The adapter of step {step} (the last good weights) "
             f"is saved in {self.out / 'adapter'}. Likely causes: learning rate too high (train.lr {cfg.lr:g}; try half); "
