@@ -246,9 +246,8 @@ def _original_member(record: RawRecord, parsed: bool) -> bytes:
         except UnicodeDecodeError:
             raw = ""
         if raw and raw[0] != "\ufeff":  # a BOM is no JSON space
-            if "\u2028" in raw or "\u2029" in raw or "\x85" in raw:
-                return ('"record": ' + raw.translate(_LINE_BREAKS)).encode("utf-8")
-            return b'"record": ' + text
+            escaped = _escape_line_breaks(raw)
+            return b'"record": ' + (text if escaped is raw else escaped.encode("utf-8"))
     if text is None:
         member = '"record": ' + _ENCODER.encode(record.value)
     else:

@@ -48,11 +48,13 @@ class Batch:
 
     def to(self, device) -> Batch:
         device = torch.device(device)
-        if device.type == "cuda":  # a plain copy to the GPU first waits for all its queued work (the
-            # previous step), which leaves it idle while this step is launched: pinned, non-blocking
-            move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
-        else:
-            move = lambda t: t.to(device)  # noqa: E731
+        # to the GPU pinned and non-blocking: a plain copy first waits for all its queued work
+        # (the previous step), which leaves it idle while this step is launched
+        cuda = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if cuda else t).to(device, non_blocking=cuda)
+
         return Batch(
             move(self.input_ids), move(self.labels), move(self.position_ids),
             None if self.attention_mask is None else move(self.attention_mask), self.real_tokens,

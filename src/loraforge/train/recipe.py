@@ -65,7 +65,7 @@ class _Step:
     host: torch.Tensor | None = None  # the device guard's: loss, grad norm, tripped, average before and after
     started: torch.cuda.Event | None = None  # CUDA: before the step's first work, or the end of the step it was queued behind
     done: torch.cuda.Event | None = None  # and after the copy of ``host``
-    ranks: list[list[float]] | None = None
+    local: tuple = ()  # the device guard's: this process's tokens, peak memory, GPU utilization
 
 
 class TrainRun:
@@ -334,19 +334,19 @@ class TrainRun:
         status, last_loss, eval_loss = "completed", None, None
         progress = _progress(self.show_progress and main, self.total_steps, self.step)
         started = time.perf_counter() - self.elapsed
-        self._launching, ahead, previous = self.step, None, None
+        self._launching, ahead = self.step, None
         try:
             with progress:
                 while self.step < self.total_steps:
-                    if ahead is not None and previous is not None and previous.done is not None:
-                        ahead.started = previous.done  # queued behind it: timed from its end, so a
-                        # GPU waiting for the host between the two still counts
                     current = ahead if ahead is not None else self._launch_step(self.step)
                     # queue the next step before reading this one: the GPU goes on while this
                     # one's numbers are logged (``_may_run_ahead`` says where it must not)
                     ahead = self._launch_step(self.step + 1) if self._may_run_ahead(self.step + 1) else None
+                    if ahead is not None and current.done is not None:
+                        ahead.started = current.done  # queued behind it: timed from its end, so a
+                        # GPU waiting for the host between the two still counts
                     loss, tokens, grad_norm, ranks = self._finish_step(current)
-                    previous, now = current, time.perf_counter()
+                    now = time.perf_counter()
                     self.step += 1
                     self.tokens_seen += tokens
                     self.elapsed = now - started
@@ -363,13 +363,13 @@ class TrainRun:
                         if cfg.metrics_port:  # measured in the step (every rank's, gathered): not again here
                             record["gpu_utilization_per_rank"] = [r[3] if r[3] >= 0 else None for r in ranks]
                     stop = False
-                    if self.eval_rows and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+                    if self._evaluates_at(self.step):
                         eval_loss = record["eval_loss"] = self.evaluate()
                         stop = self._early_stop(eval_loss)
                     if sink:
                         sink.write(record)
                     progress.update(self.step, loss, record["lr"], record["tokens_per_s"])
-                    if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps or stop:
+                    if self._checkpoints_at(self.step) or stop:
                         self.save_checkpoint()
                     if stop:
                         status = "early_stopped"
@@ -434,12 +434,12 @@ class TrainRun:
         numbers = torch.stack([loss_sum.float(), grad_norm.float(), self._tripped, before, self._ema_dev])
         host = torch.empty(numbers.shape, pin_memory=cuda)
         host.copy_(numbers, non_blocking=cuda)
-        ranks = [[math.nan, tokens, memory, utilization]]
+        local = (tokens, memory, utilization)
         if started is None:  # the CPU: the launch did the work
-            return _Step(step, lr, time.perf_counter() - launched, host=host, ranks=ranks)
+            return _Step(step, lr, time.perf_counter() - launched, host=host, local=local)
         done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return _Step(step, lr, 0.0, host=host, started=started, done=done, ranks=ranks)
+        return _Step(step, lr, 0.0, host=host, started=started, done=done, local=local)
 
     def _update(self) -> None:
         self.optimizer.step()
@@ -461,15 +461,19 @@ class TrainRun:
         self._tripped = torch.maximum(self._tripped, (~ok).float())
         return before
 
+    def _evaluates_at(self, done: int) -> bool:
+        """Whether the loop evaluates once ``done`` steps are done."""
+        return bool(self.eval_rows) and (done % self.cfg.eval_every == 0 or done == self.total_steps)
+
+    def _checkpoints_at(self, done: int) -> bool:
+        """Whether the loop writes a checkpoint once ``done`` steps are done (or it stops early)."""
+        return done % self.cfg.checkpoint_every == 0 or done == self.total_steps
+
     def _may_run_ahead(self, step: int) -> bool:
         """Whether step ``step`` may be queued before step ``step - 1`` is read: on the GPU with
-        the device guard, and not where step ``step - 1``'s weights must be seen first (an evaluation, a
-        checkpoint, the end)."""
-        cfg = self.cfg  # once step - 1 is read, ``step`` steps are done: the loop's conditions test that
-        return (
-            self.run_ahead and step < self.total_steps and step % cfg.checkpoint_every != 0
-            and not (self.eval_rows and step % cfg.eval_every == 0)
-        )
+        the device guard, and not where step ``step - 1``'s weights must be seen first (an
+        evaluation, a checkpoint, the end). Once step ``step - 1`` is read, ``step`` steps are done."""
+        return self.run_ahead and step < self.total_steps and not (self._evaluates_at(step) or self._checkpoints_at(step))
 
     def _finish_step(self, s: "_Step") -> tuple[float, int, float, list[list[float]]]:
         """Loss, tokens (all ranks), gradient norm and per-rank numbers of a launched step,
@@ -484,8 +488,8 @@ class TrainRun:
             self.ema = None if math.isnan(before) else before
             self._diverged(loss, s.index, grad_norm)
         self.ema = None if math.isnan(after) else after
-        s.ranks[0][0] = loss
-        return loss, s.ranks[0][1], grad_norm, s.ranks
+        tokens, memory, utilization = s.local
+        return loss, tokens, grad_norm, [[loss, tokens, memory, utilization]]
 
     def _check_loss(self, loss: float, step: int, grad_norm: float) -> None:
         cfg = self.cfg
