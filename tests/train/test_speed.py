@@ -155,12 +155,26 @@ def test_fused_loss_module_equals_logits_module(samples):
 
 
 @pytest.mark.parametrize("adapter_fp32", [True, False])
-def test_fused_lora_equals_peft(samples, adapter_fp32):
-    """Same loss and LoRA gradients as PEFT's forward, fp32 adapters (PEFT's default) or not."""
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fused_lora_equals_peft(samples, adapter_fp32, grouped, monkeypatch):
+    """Same loss and LoRA gradients as PEFT's forward, fp32 adapters (PEFT's default) or not,
+    each projection on its own or q/k/v and gate/up as groups (one call per group)."""
     from loraforge.models import build_tiny_llama
     from loraforge.train import fused_lora
 
     batch = collate([samples[:3], samples[3:6]], 0)
+    calls = {"single": 0, "group": 0}
+    single, group = fused_lora.LoraLinearFunction.forward, fused_lora.LoraGroupFunction.forward
+
+    def count(kind, forward):
+        def counted(ctx, *args):
+            calls[kind] += 1
+            return forward(ctx, *args)
+
+        return staticmethod(counted)
+
+    monkeypatch.setattr(fused_lora.LoraLinearFunction, "forward", count("single", single))
+    monkeypatch.setattr(fused_lora.LoraGroupFunction, "forward", count("group", group))
     results = []
     for fused in (False, True):
         model, _ = build_tiny_llama(seed=8)
@@ -168,13 +182,40 @@ def test_fused_lora_equals_peft(samples, adapter_fp32):
         if not adapter_fp32:
             model = model.to(torch.float64)  # adapters in the model's dtype; exact comparison
         if fused:
-            count, skipped = fused_lora.apply(model)
-            assert count == 14 and skipped == {}  # 7 linear layers x 2 decoder layers
+            count_, skipped = fused_lora.apply(model)
+            assert count_ == 14 and skipped == {}  # 7 linear layers x 2 decoder layers
+            if grouped:
+                assert fused_lora.group(model) == 4  # q/k/v and gate/up of 2 decoder layers
         results.append(_loss_and_grads(model, batch))
+    # per decoder layer: q/k/v and gate/up as 2 group calls + o and down alone, or 7 alone
+    assert calls == ({"single": 4, "group": 4} if grouped else {"single": 14, "group": 0})
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     assert results[1][1].keys() == results[0][1].keys()
     for name in results[0][1]:
         torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_projections_answer_each_input_and_any_call_order():
+    """A group computes its outputs for the tensor it is called with: projections called in
+    another order, or on different tensors, give what each would give alone."""
+    from loraforge.models import build_tiny_llama
+    from loraforge.train import fused_lora
+
+    model, _ = build_tiny_llama(seed=8)
+    model = _lora(model)
+    fused_lora.apply(model)
+    attn = model.get_base_model().model.layers[0].self_attn
+    x1, x2 = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        alone = {n: [getattr(attn, n)(x) for x in (x1, x2)] for n in ("q_proj", "k_proj", "v_proj")}
+        assert fused_lora.group(model) == 4
+        assert attn.q_proj._loraforge_group is attn.v_proj._loraforge_group
+        got = {"v_proj": attn.v_proj(x1), "q_proj": attn.q_proj(x2), "k_proj": attn.k_proj(x2)}
+        got_again = {"v_proj": attn.v_proj(x2), "k_proj": attn.k_proj(x1), "q_proj": attn.q_proj(x1)}
+    for name, y in got.items():
+        torch.testing.assert_close(y, alone[name][0 if name == "v_proj" else 1], rtol=1e-5, atol=1e-6)
+    for name, y in got_again.items():
+        torch.testing.assert_close(y, alone[name][1 if name == "v_proj" else 0], rtol=1e-5, atol=1e-6)
 
 
 def test_fused_lora_leaves_what_it_does_not_cover_to_peft():
@@ -313,14 +354,16 @@ def test_lean_recompute_skips_the_down_projection_and_keeps_the_gradients(sample
         model, _ = build_tiny_llama(seed=6)
         model = _lora(model)
         assert fused_lora.apply(model)[0] == 14
+        assert fused_lora.group(model) == 4
         if checkpointed:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
             memory.apply(model, memory.MemoryPlan(layers=2, checkpointed=2, offload=offload, budget=0, estimate={}))
         unused_calls.clear()
         results.append(_loss_and_grads(model, batch))
-    # 14 layers forward, 14 again in the recomputation, of which the 2 down projections skip
-    assert len(unused_calls) == 28 and sum(unused_calls) == 2
+    # o and down alone (q/k/v, gate/up grouped): 4 forward, 4 again in the recomputation, of
+    # which the 2 down projections skip
+    assert len(unused_calls) == 8 and sum(unused_calls) == 2
     torch.testing.assert_close(results[1][0], results[0][0])
     assert results[1][1].keys() == results[0][1].keys()
     for name in results[0][1]:

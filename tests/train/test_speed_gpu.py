@@ -138,8 +138,10 @@ def test_run_with_every_lever_matches_the_plain_run_on_gpu(tiny_model_dir, demo_
     assert attention.available(torch.device("cuda"))
 
 
-def test_fused_lora_on_nf4_base_equals_peft(tiny_model_dir):
-    """QLoRA: the fused layer dequantizes the NF4 weight itself; loss and LoRA gradients as PEFT's."""
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fused_lora_on_nf4_base_equals_peft(tiny_model_dir, grouped):
+    """QLoRA: the fused layer dequantizes the NF4 weight itself; loss and LoRA gradients as PEFT's,
+    each projection alone or q/k/v and gate/up grouped."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -154,6 +156,8 @@ def test_fused_lora_on_nf4_base_equals_peft(tiny_model_dir):
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
         if fused:
             assert fused_lora.apply(model)[0] == 14
+            if grouped:
+                assert fused_lora.group(model) == 4
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         results.append((loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}))

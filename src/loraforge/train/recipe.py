@@ -256,7 +256,9 @@ class TrainRun:
             memory.apply(self.model, self.memory_plan)
         if self.fused_lora and self.strategy != "fsdp":  # FSDP's sharded parameters: PEFT's forward
             fused, skipped = fused_lora.apply(self.model)
-            self.accelerations.append(f"fused LoRA: {fused} layers" + "".join(f", {n} kept PEFT's ({why})" for why, n in skipped.items()))
+            groups = fused_lora.group(self.model) if self.cfg.grouped_lora is not False else 0
+            shared = f", {groups} groups sharing an input" if groups else ""
+            self.accelerations.append(f"fused LoRA: {fused} layers{shared}" + "".join(f", {n} kept PEFT's ({why})" for why, n in skipped.items()))
         if self.checkpoint:  # full weights, before FSDP shards them
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
