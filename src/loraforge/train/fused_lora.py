@@ -35,8 +35,10 @@ Leaner recomputation: when a checkpointed decoder layer runs again in backward, 
 its MLP's down projection is not read by anything (it only feeds the residual add that makes
 the layer's output, and an add's backward needs no values); only its saved input and ``x A^T``
 are. So in that pass the down projection skips its base matmul (and NF4 dequantization): 27%
-of a Llama layer's recomputed matmul FLOPs. Only for decoder layers known to end that way
-(``RESIDUAL_MLP_LAYERS``); Gemma's, with a norm after the MLP, are not among them.
+of a Llama layer's recomputed matmul FLOPs. Where the attention block and the MLP block are
+recomputed apart (``memory.offloaded_blocks``), the attention's output projection skips its
+base matmul the same way. Only for decoder layers known to be built so
+(``memory.RESIDUAL_LAYERS``); Gemma's, with a norm after the MLP, are not among them.
 """
 
 from __future__ import annotations
@@ -45,12 +47,10 @@ import types
 
 import torch
 
-from loraforge.train.memory import recomputing
+from loraforge.train.memory import RESIDUAL_LAYERS, recomputing
 
-# Decoder layers whose MLP output goes straight into the residual add that ends the layer.
-RESIDUAL_MLP_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"})
 # Decoder layers whose attention calls q/k/v, and whose MLP calls gate/up, on one tensor each.
-SHARED_INPUT_LAYERS = RESIDUAL_MLP_LAYERS
+SHARED_INPUT_LAYERS = RESIDUAL_LAYERS
 
 
 def _dense_weight(base) -> torch.Tensor:
@@ -190,7 +190,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self._loraforge_peft_forward(x, *args, **kwargs)
     if self._loraforge_group is not None:
         return self._loraforge_group.output(self, x)
-    unused = self._loraforge_feeds_residual and recomputing()
+    unused = recomputing() in self._loraforge_unused_in
     return LoraLinearFunction.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), self.get_base_layer(), unused)
 
 
@@ -218,7 +218,7 @@ def fusable(module) -> str | None:
 
 def apply(model) -> tuple[int, dict[str, int]]:
     """Fuse every LoRA linear layer of ``model`` that can be; returns (fused, {reason: count})."""
-    residual_mlp_out = _residual_mlp_outputs(model)
+    unused_in = _unused_in_recomputation(model)
     fused, skipped = 0, {}
     for module in model.modules():
         if not hasattr(module, "lora_A") or getattr(module, "_loraforge_adapter", None):
@@ -229,7 +229,7 @@ def apply(model) -> tuple[int, dict[str, int]]:
                 skipped[why] = skipped.get(why, 0) + 1
             continue
         module._loraforge_adapter = next(iter(module.lora_A.keys()))
-        module._loraforge_feeds_residual = id(module) in residual_mlp_out
+        module._loraforge_unused_in = unused_in.get(id(module), ())
         module._loraforge_group = None
         module._loraforge_peft_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
@@ -258,9 +258,18 @@ def group(model) -> int:
     return count
 
 
-def _residual_mlp_outputs(model) -> set[int]:
-    """ids of the down projections whose output only feeds the layer's closing residual add."""
+def _unused_in_recomputation(model) -> dict[int, tuple[str, ...]]:
+    """{id of a projection: the recomputations (``memory.recomputing()``) in which nothing reads
+    its value}: the down projection, whose output only feeds the add that ends the layer (and
+    its MLP block), and the attention's output projection in its block's own recomputation."""
     from loraforge.train.distributed import decoder_layers
 
-    layers = decoder_layers(model, required=False)  # none known: nothing is skipped
-    return {id(layer.mlp.down_proj) for layer in layers if type(layer).__name__ in RESIDUAL_MLP_LAYERS and hasattr(getattr(layer, "mlp", None), "down_proj")}
+    unused = {}
+    for layer in decoder_layers(model, required=False):  # none known: nothing is skipped
+        if type(layer).__name__ not in RESIDUAL_LAYERS:
+            continue
+        for parent, name, kinds in (("mlp", "down_proj", ("layer", "block")), ("self_attn", "o_proj", ("block",))):
+            module = getattr(getattr(layer, parent, None), name, None)
+            if module is not None:
+                unused[id(module)] = kinds
+    return unused

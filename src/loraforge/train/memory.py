@@ -18,6 +18,7 @@ MLP width m and b bytes per value (what autograd keeps for backward):
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ from dataclasses import dataclass
 import torch
 
 GiB = 1024**3
+
+# Decoder layers made of two residual blocks, ``h = x + attn(norm1(x))`` then ``h + mlp(norm2(h))``,
+# with the attention's output projection and the MLP's down projection the last op before each
+# add (transformers 5's Llama, Mistral, Qwen2 and Qwen3 layers have this very forward).
+RESIDUAL_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"})
 
 
 @dataclass
@@ -121,14 +127,16 @@ def apply(model, plan: MemoryPlan) -> None:
         on = i < plan.checkpointed
         layer.gradient_checkpointing = on
         if on:
-            layer._gradient_checkpointing_func = run
+            segmented = plan.offload and type(layer).__name__ in RESIDUAL_LAYERS
+            layer._gradient_checkpointing_func = functools.partial(offloaded_blocks, layer) if segmented else run
 
 
-_recomputing: ContextVar[bool] = ContextVar("loraforge_recomputing", default=False)
+_recomputing: ContextVar[str] = ContextVar("loraforge_recomputing", default="")
 
 
-def recomputing() -> bool:
-    """True while a checkpointed layer's forward runs again in backward (to rebuild its graph)."""
+def recomputing() -> str:
+    """What runs again in backward to rebuild its graph: "" (nothing: a first forward),
+    "layer" (a whole checkpointed decoder layer) or "block" (one residual block of one)."""
     return _recomputing.get()
 
 
@@ -136,7 +144,7 @@ def recompute_checkpoint(run, hidden, *args):
     """Activation checkpointing: keep the layer's input, run the layer again in backward."""
     if args:
         raise TypeError("recompute_checkpoint takes the layer's hidden states as its only positional argument")
-    return _Recompute.apply(run, hidden, False)
+    return _Recompute.apply(run, hidden, False, "layer")
 
 
 def offloaded_checkpoint(run, hidden, *args):
@@ -144,7 +152,29 @@ def offloaded_checkpoint(run, hidden, *args):
     on a side stream while the GPU computes and copied back when backward reaches the layer."""
     if args:
         raise TypeError("offloaded_checkpoint takes the layer's hidden states as its only positional argument")
-    return _Recompute.apply(run, hidden, True)
+    return _Recompute.apply(run, hidden, True, "layer")
+
+
+def offloaded_blocks(layer, run, hidden, *args):
+    """``offloaded_checkpoint`` of a ``RESIDUAL_LAYERS`` layer block by block: the attention
+    block and the MLP block each keep their input in pinned CPU memory and run again on their own.
+
+    The attention block's output (``x + o_proj(...)``) is then needed by nothing in its
+    recomputation, as the MLP's down projection is in the MLP block's: both projections skip
+    their base matmul there (``fused_lora``). It costs a second offloaded input per layer (the
+    residual stream between the blocks) on the side stream. ``run`` is transformers' call of the
+    layer's forward with its keyword arguments bound; the blocks pass those to the attention."""
+    kwargs = getattr(run, "keywords", None)
+    if args or kwargs is None:
+        return offloaded_checkpoint(run, hidden, *args)
+
+    def attention_block(x):
+        return x + layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)[0]
+
+    def mlp_block(h):
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    return _Recompute.apply(mlp_block, _Recompute.apply(attention_block, hidden, True, "block"), True, "block")
 
 
 _streams: dict[int, torch.cuda.Stream] = {}
@@ -208,8 +238,8 @@ _last_offloaded: "weakref.WeakValueDictionary[torch.device, _Offloaded]" = weakr
 
 class _Recompute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, hidden, offload: bool):
-        ctx.run, ctx.device = run, hidden.device
+    def forward(ctx, run, hidden, offload: bool, kind: str):
+        ctx.run, ctx.device, ctx.kind = run, hidden.device, kind
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.offloaded = None
@@ -240,7 +270,7 @@ class _Recompute(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            token = _recomputing.set(True)
+            token = _recomputing.set(ctx.kind)
             try:
                 with torch.enable_grad():
                     out = ctx.run(hidden)
@@ -248,4 +278,4 @@ class _Recompute(torch.autograd.Function):
                 _recomputing.reset(token)
         out = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(out, grad)
-        return None, hidden.grad, None
+        return None, hidden.grad, None, None
