@@ -199,9 +199,9 @@ class TrainConfig(_Section):
     # (train.fused_lora). null: on CUDA. Layers with dropout, DoRA or biases keep PEFT's forward.
     fused_lora: bool | None = None
     # The fused projections that read one input (q/k/v, gate/up) as one function: one LoRA A
-    # product and the input gradient summed inside the GEMMs (train.grouped_lora). null: with
-    # fused_lora, on Llama, Mistral and Qwen decoder layers.
-    grouped_lora: bool | None = None
+    # product and the input gradient summed inside the GEMMs, wherever fused_lora is on, in
+    # Llama, Mistral and Qwen decoder layers. false: each projection alone.
+    grouped_lora: bool = True
     # LoRA weights, their gradients and AdamW state: fp32 (PEFT's default: exact small updates, and
     # PEFT casts each LoRA input to fp32) or the base model's dtype (bf16 on GPU: half the memory
     # and traffic of the adapter path, updates rounded to bf16). null: fp32, unless the memory

@@ -187,6 +187,8 @@ def test_fused_lora_equals_peft(samples, adapter_fp32, grouped, monkeypatch):
             if grouped:
                 assert fused_lora.group(model) == 4  # q/k/v and gate/up of 2 decoder layers
         results.append(_loss_and_grads(model, batch))
+        groups = {m._loraforge_group for m in model.modules() if getattr(m, "_loraforge_group", None)}
+        assert all(g.x is None and not g.pending for g in groups)  # nothing held after the step
     # per decoder layer: q/k/v and gate/up as 2 group calls + o and down alone, or 7 alone
     assert calls == ({"single": 4, "group": 4} if grouped else {"single": 14, "group": 0})
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
@@ -197,25 +199,45 @@ def test_fused_lora_equals_peft(samples, adapter_fp32, grouped, monkeypatch):
 
 def test_grouped_projections_answer_each_input_and_any_call_order():
     """A group computes its outputs for the tensor it is called with: projections called in
-    another order, or on different tensors, give what each would give alone."""
+    another order, or on different tensors, give the outputs and gradients each would give
+    alone; a forward of the attention module starts with an empty group."""
     from loraforge.models import build_tiny_llama
     from loraforge.train import fused_lora
 
-    model, _ = build_tiny_llama(seed=8)
-    model = _lora(model)
-    fused_lora.apply(model)
-    attn = model.get_base_model().model.layers[0].self_attn
-    x1, x2 = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
-    with torch.no_grad():
-        alone = {n: [getattr(attn, n)(x) for x in (x1, x2)] for n in ("q_proj", "k_proj", "v_proj")}
-        assert fused_lora.group(model) == 4
-        assert attn.q_proj._loraforge_group is attn.v_proj._loraforge_group
-        got = {"v_proj": attn.v_proj(x1), "q_proj": attn.q_proj(x2), "k_proj": attn.k_proj(x2)}
-        got_again = {"v_proj": attn.v_proj(x2), "k_proj": attn.k_proj(x1), "q_proj": attn.q_proj(x1)}
-    for name, y in got.items():
-        torch.testing.assert_close(y, alone[name][0 if name == "v_proj" else 1], rtol=1e-5, atol=1e-6)
-    for name, y in got_again.items():
-        torch.testing.assert_close(y, alone[name][1 if name == "v_proj" else 0], rtol=1e-5, atol=1e-6)
+    def run(grouped):
+        model, _ = build_tiny_llama(seed=8)
+        model = _lora(model)
+        fused_lora.apply(model)
+        if grouped:
+            assert fused_lora.group(model) == 4
+        attn = model.get_base_model().model.layers[0].self_attn
+        torch.manual_seed(1)
+        x1, x2 = torch.randn(2, 5, 64, requires_grad=True), torch.randn(2, 5, 64, requires_grad=True)
+        ys = [attn.v_proj(x1), attn.q_proj(x2), attn.k_proj(x2), attn.v_proj(x2), attn.k_proj(x1), attn.q_proj(x1)]
+        shared = attn.q_proj._loraforge_group
+        if grouped:  # v's output for x1 is still waiting: the module's next forward drops it
+            assert shared.x is x1 and len(shared.pending) == 1 and shared is attn.v_proj._loraforge_group
+            for hook in attn._forward_pre_hooks.values():  # what the attention's forward runs first
+                hook(attn, ())
+            assert shared.x is None and not shared.pending
+        sum((y * torch.arange(y.numel()).view_as(y).sin()).sum() for y in ys).backward()
+        grads = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
+        return [y.detach() for y in ys], grads | {"x1": x1.grad, "x2": x2.grad}
+
+    alone, grouped = run(False), run(True)
+    for y_alone, y_grouped in zip(alone[0], grouped[0]):
+        torch.testing.assert_close(y_grouped, y_alone, rtol=1e-5, atol=1e-6)
+    assert grouped[1].keys() == alone[1].keys()
+    for name in alone[1]:
+        torch.testing.assert_close(grouped[1][name], alone[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_lora_scale_is_rounded_once():
+    """fp32 adapters, bf16 compute: s B is rounded to bf16 once, as the GEMM's alpha would."""
+    from loraforge.train import fused_lora
+
+    B = torch.randn(64, 8)
+    torch.testing.assert_close(fused_lora._scaled(B, 16 / 6, torch.bfloat16), (B.double() * (16 / 6)).to(torch.bfloat16), rtol=0, atol=0)
 
 
 def test_fused_lora_leaves_what_it_does_not_cover_to_peft():
@@ -333,7 +355,8 @@ def test_offloaded_checkpoint_gives_the_gradients_of_no_checkpoint(samples):
 
 
 @pytest.mark.parametrize("offload", [False, True])
-def test_lean_recompute_skips_the_down_projection_and_keeps_the_gradients(samples, offload, monkeypatch):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_lean_recompute_skips_the_down_projection_and_keeps_the_gradients(samples, offload, grouped, monkeypatch):
     """Fused LoRA layers, every decoder layer recomputed: in the recomputation the MLP's down
     projection leaves its base matmul out (its value feeds only the residual add), and with
     offloading (attention and MLP blocks recomputed apart) the attention's output projection
@@ -355,16 +378,18 @@ def test_lean_recompute_skips_the_down_projection_and_keeps_the_gradients(sample
         model, _ = build_tiny_llama(seed=6)
         model = _lora(model)
         assert fused_lora.apply(model)[0] == 14
-        assert fused_lora.group(model) == 4
+        if grouped:
+            assert fused_lora.group(model) == 4
         if checkpointed:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-            memory.apply(model, memory.MemoryPlan(layers=2, checkpointed=2, offload=offload, budget=0, estimate={}))
+            memory.apply(model, memory.MemoryPlan(layers=2, checkpointed=2, offload=offload, budget=0, estimate={}), blocks=True)
         unused_calls.clear()
         results.append(_loss_and_grads(model, batch))
-    # o and down alone (q/k/v, gate/up grouped): 4 forward, 4 again in the recomputation, of
-    # which the 2 down projections skip, and with the blocks apart the 2 output projections too
-    assert len(unused_calls) == 8 and sum(unused_calls) == (4 if offload else 2)
+    # o and down alone (q/k/v, gate/up grouped; else all 14): as many again in the
+    # recomputation, of which the 2 down projections skip, and with the blocks apart (offloaded)
+    # the 2 output projections too
+    assert len(unused_calls) == (8 if grouped else 28) and sum(unused_calls) == (4 if offload else 2)
     torch.testing.assert_close(results[1][0], results[0][0])
     assert results[1][1].keys() == results[0][1].keys()
     for name in results[0][1]:

@@ -7,8 +7,8 @@ a cast back. For an 8B Llama's MLP at 8,192 tokens that is several GB of memory 
 layer and ~30 GB of extra saved activations per micro-batch.
 
 Here one autograd function does it in the compute dtype: ``h = x A^T`` (tokens x r), then
-``y = x W^T`` with ``s h B^T`` added by the GEMM itself (``addmm_``); backward needs only x
-(shared by q/k/v and gate/up, kept once) and h. A 4-bit (NF4) base weight is dequantized for
+``y = s h B^T`` with ``x W^T`` added by the base GEMM itself (``addmm_``, below); backward needs
+only x (shared by q/k/v and gate/up, kept once) and h. A 4-bit (NF4) base weight is dequantized for
 the matmul and again in backward, never stored dequantized. Gradients of A and B are the
 same quantities PEFT's autograd computes, cast to the parameters' dtype (fp32 adapters keep
 their fp32 state and updates).
@@ -17,7 +17,7 @@ Applied to PEFT's own modules in place (their forward replaced), so saving, load
 serving see a plain PEFT adapter. Layers it does not cover (dropout > 0, DoRA, biases, more
 than one active adapter) keep PEFT's forward.
 
-The low-rank product goes first and the base GEMM adds into it (``y = s h B^T``, then
+Order: the low-rank product goes first and the base GEMM adds into it (``y = s h B^T``, then
 ``y += x W^T`` with beta=1); backward likewise (``grad_x = grad_h A``, then ``+= g W``). The other
 order adds the rank-r product after the wide GEMM as a separate pass that reads and writes the
 whole output again; in the GEMM's epilogue the read mostly hides behind its math. Measured on an
@@ -29,7 +29,7 @@ Projections that read the same input (q/k/v, gate/up: ``group``) run as one func
 input gradient accumulated inside the GEMMs (beta=1) instead of autograd's adds of three
 separate gradients: q/k/v's backward 0.873 -> 0.648 ms a layer on the same machine. The layer's
 code still calls each projection: the first call computes the group's outputs for that input,
-the others take theirs.
+the others take theirs (``SharedInput``).
 
 Leaner recomputation: when a checkpointed decoder layer runs again in backward, the value of
 its MLP's down projection is not read by anything (it only feeds the residual add that makes
@@ -43,6 +43,7 @@ base matmul the same way. Only for decoder layers known to be built so
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -77,9 +78,10 @@ def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype, scale: float 
 
 
 def _scaled(B: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """``scale * B`` in the compute dtype (a new tensor when scaled: the parameter is never written)."""
-    b = B.to(dtype)
-    return b * scale if scale != 1 else b
+    """``scale * B`` in the compute dtype, scaled in B's own dtype first (one rounding to 16 bits
+    for fp32 adapters, as with the scale in the GEMM's alpha); a new tensor when scaled, so the
+    parameter is never written."""
+    return (B * scale).to(dtype) if scale != 1 else B.to(dtype)
 
 
 def _low_rank_plus_base(h: torch.Tensor, b: torch.Tensor, x2: torch.Tensor, base) -> torch.Tensor:
@@ -144,10 +146,13 @@ class LoraGroupFunction(torch.autograd.Function):
         grad_h = torch.cat([g @ b for g, b in zip(gs, bs)], dim=1)  # (tokens, sum of ranks)
         needs = ctx.needs_input_grad[3:]
         grad_adapters = []
-        # one product for every A's gradient (x read once), split into each A's rows
-        grad_As = _mm_to(grad_h.T, x2, ctx.dtypes[0][0]).split(ctx.ranks) if any(needs[0::2]) else None
+        # one product for every A's gradient (x read once), split into each A's rows; each a
+        # tensor of its own (a view would make the parameters' .grad share one storage)
+        if any(needs[0::2]):
+            widest = functools.reduce(torch.promote_types, (a_dtype for a_dtype, _ in ctx.dtypes))
+            grad_As = _mm_to(grad_h.T, x2, widest).split(ctx.ranks)
         for i, (g, h_i) in enumerate(zip(gs, h.split(ctx.ranks, dim=1))):
-            grad_A = grad_As[i].to(ctx.dtypes[i][0]) if needs[2 * i] else None
+            grad_A = grad_As[i].to(ctx.dtypes[i][0], copy=True) if needs[2 * i] else None
             grad_B = _mm_to(g.T, h_i, ctx.dtypes[i][1], ctx.scales[i]) if needs[2 * i + 1] else None
             grad_adapters += [grad_A, grad_B]
         grad_x = None
@@ -162,13 +167,18 @@ class LoraGroupFunction(torch.autograd.Function):
 class SharedInput:
     """Fused LoRA projections that a layer calls one after another on the same tensor (q/k/v,
     gate/up): the first call runs ``LoraGroupFunction`` for all of them, the others take their
-    output. A call on another tensor (or a projection called twice) starts the group afresh, so
-    the results never depend on the order of the calls, only the saving does."""
+    output. A call on another tensor (or a projection called twice) starts the group afresh,
+    and every forward of the module that holds them (``parent``) starts with an empty group, so
+    an output is only ever taken within the call that computed it."""
 
-    def __init__(self, modules):
+    def __init__(self, modules, parent: torch.nn.Module):
         self.modules = list(modules)
         self.x = None
         self.pending: dict[int, torch.Tensor] = {}
+        parent.register_forward_pre_hook(self.clear)
+
+    def clear(self, *hook_args) -> None:
+        self.x, self.pending = None, {}
 
     def output(self, module, x: torch.Tensor) -> torch.Tensor:
         if self.x is not x or id(module) not in self.pending:
@@ -179,7 +189,7 @@ class SharedInput:
             self.x, self.pending = x, {id(m): y for m, y in zip(ms, outs)}
         y = self.pending.pop(id(module))
         if not self.pending:  # every output taken: hold no tensor between layers
-            self.x = None
+            self.clear()
         return y
 
 
@@ -251,7 +261,7 @@ def group(model) -> int:
             members = [m for m in members if getattr(m, "_loraforge_adapter", None) is not None and m._loraforge_group is None]
             if len(members) < 2 or len({m.get_base_layer().in_features for m in members}) != 1:
                 continue
-            shared = SharedInput(members)
+            shared = SharedInput(members, parent)
             for m in members:
                 m._loraforge_group = shared
             count += 1

@@ -12,7 +12,7 @@ backward. ``loraforge train --dry-run`` prints the plan.
 Estimates per token and layer, for a Llama-class decoder with hidden size h, K/V width kv,
 MLP width m and b bytes per value (what autograd keeps for backward):
   not checkpointed  (8h + 2kv + 4m) b    norms, q/k/v/o and their LoRA inputs, MLP in/out
-  checkpointed      h b                  the layer's input
+  checkpointed      h b                  the layer's input (offloaded by blocks: 2 h b, in CPU memory)
   recomputing       (8h + 2kv + 4m) b    one layer at a time, in backward
 """
 
@@ -109,13 +109,15 @@ def plan(fixed: dict[str, int], per_token: LayerBytes, layers: int, tokens: int,
 # ---- applying the plan -----------------------------------------------------------------------
 
 
-def apply(model, plan: MemoryPlan) -> None:
+def apply(model, plan: MemoryPlan, blocks: bool = False) -> None:
     """Checkpoint the first ``plan.checkpointed`` decoder layers (offloaded if planned).
 
     Uses transformers' per-layer switch (``GradientCheckpointingLayer.gradient_checkpointing``)
-    after ``gradient_checkpointing_enable`` set every layer up, with ``recompute_checkpoint`` as
-    the function: it says when a forward is the recomputation (``recomputing``), so the fused
-    LoRA layers can skip what backward does not read.
+    after ``gradient_checkpointing_enable`` set every layer up, with ``recompute_checkpoint``,
+    ``offloaded_checkpoint`` or (``blocks``: the fused LoRA layers skip what the blocks' own
+    recomputation does not read) ``offloaded_blocks`` as the function: each says when a forward
+    is the recomputation (``recomputing``), so the fused LoRA layers can skip what backward
+    does not read.
     """
     from loraforge.train.distributed import decoder_layers
 
@@ -127,7 +129,7 @@ def apply(model, plan: MemoryPlan) -> None:
         on = i < plan.checkpointed
         layer.gradient_checkpointing = on
         if on:
-            segmented = plan.offload and type(layer).__name__ in RESIDUAL_LAYERS
+            segmented = blocks and plan.offload and type(layer).__name__ in RESIDUAL_LAYERS
             layer._gradient_checkpointing_func = functools.partial(offloaded_blocks, layer) if segmented else run
 
 
@@ -190,8 +192,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 class _Offloaded:
     """A checkpointed input in pinned CPU memory, and its way back.
 
-    Backward reaches the layers in reverse, so when one layer's backward starts, the input of
-    the layer before it (``previous``) is copied back on the side stream while this one
+    Backward reaches the layers (or blocks) in reverse, so when one's backward starts, the
+    input of the one before it (``previous``) is copied back on the side stream while this one
     computes: the copy to the GPU is off the critical path as the copy out is in forward (a
     blocking copy back cost ~39 ms of a ~740 ms step on the H200, 8B shape, 32 layers)."""
 

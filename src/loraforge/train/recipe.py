@@ -252,11 +252,12 @@ class TrainRun:
         base = self._load_base()
         self.accelerations = apply_accelerations(base, self.cfg, self.device)
         self.model = wrap_lora(base, self.cfg, self.checkpointing)
+        fuse = self.fused_lora and self.strategy != "fsdp"  # FSDP's sharded parameters: PEFT's forward
         if self.checkpointing:
-            memory.apply(self.model, self.memory_plan)
-        if self.fused_lora and self.strategy != "fsdp":  # FSDP's sharded parameters: PEFT's forward
+            memory.apply(self.model, self.memory_plan, blocks=fuse)
+        if fuse:
             fused, skipped = fused_lora.apply(self.model)
-            groups = fused_lora.group(self.model) if self.cfg.grouped_lora is not False else 0
+            groups = fused_lora.group(self.model) if self.cfg.grouped_lora else 0
             shared = f", {groups} groups sharing an input" if groups else ""
             self.accelerations.append(f"fused LoRA: {fused} layers{shared}" + "".join(f", {n} kept PEFT's ({why})" for why, n in skipped.items()))
         if self.checkpoint:  # full weights, before FSDP shards them
