@@ -334,6 +334,22 @@ def test_planner_on_the_8b_shape():
     assert fused["logits"] < plain["logits"] / 5 and fused["attention_mask"] == 0
 
 
+def test_plan_counts_the_kept_attention_only_when_offloading():
+    """Kept attention values come back with an offloaded input (one layer's, fetched ahead): the
+    offloaded plan counts them and says so; a plan that offloads nothing keeps none."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32)
+    plain, keeping = memory.layer_bytes(config, 2), memory.layer_bytes(config, 2, keep_attention=True)
+    assert plain.kept == 0 and keeping.kept == (2 * 4096 + 2 * 1024) * 2 + 4 * 32
+    tokens = 8192
+    tight = memory.plan(FIXED, keeping, 32, tokens, int(10.85 * GB))
+    assert tight.offload and tight.kept_attention and "attention's values" in tight.describe()
+    assert tight.total - memory.plan(FIXED, plain, 32, tokens, int(10.85 * GB)).total == keeping.kept * tokens
+    roomy = memory.plan(FIXED, keeping, 32, tokens, 100 * GB)
+    assert not roomy.offload and not roomy.kept_attention
+
+
 def test_offloaded_checkpoint_gives_the_gradients_of_no_checkpoint(samples):
     """Dropout on: the recomputation must draw the same masks (RNG state restored)."""
     from loraforge.models import build_tiny_llama
@@ -395,6 +411,79 @@ def test_lean_recompute_skips_the_down_projection_and_keeps_the_gradients(sample
     for name in results[0][1]:
         torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-5, atol=1e-7)
     assert not memory.recomputing()
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+@pytest.mark.parametrize("equal_lengths", [False, True])
+def test_kept_attention_is_not_computed_again_and_keeps_the_gradients(samples, blocks, equal_lengths):
+    """Offloaded layers that keep their attention (``memory.Kept``): the recomputation runs no
+    attention kernel and the q/k/v group skips its base matmuls, yet the loss and every LoRA
+    gradient equal those of the run without checkpointing. Samples of equal length go through
+    SDPA's row kernel, unequal ones through one kernel call per sample; the layer recomputed
+    whole or as two blocks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from loraforge.models import build_tiny_llama
+    from loraforge.train import fused_lora
+
+    if equal_lengths:
+        rows = [[_cut(s, 24) for s in samples[:3]], [_cut(s, 24) for s in samples[3:6]]]
+    else:
+        rows = [samples[:3], samples[3:6]]
+    batch = collate_flat(rows)
+
+    class Kernels(TorchDispatchMode):  # the attention kernels that really run
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func._schema.name == "aten::_scaled_dot_product_flash_attention_for_cpu"
+            return func(*args, **(kwargs or {}))
+
+    group_unused = []
+    plain_group = fused_lora.LoraGroupFunction.forward
+
+    def counting_group(ctx, x, bases, scales, value_unused, *adapters):
+        group_unused.append(value_unused)
+        return plain_group(ctx, x, bases, scales, value_unused, *adapters)
+
+    results, kernel_calls = [], []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_lora.LoraGroupFunction, "forward", staticmethod(counting_group))
+        for keep in (None, False, True):  # None: no checkpointing
+            model, _ = build_tiny_llama(seed=6)
+            model.set_attn_implementation(attention.register())
+            model = _lora(model)
+            fused_lora.apply(model)
+            assert fused_lora.group(model) == 4
+            if keep is not None:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+                plan = memory.MemoryPlan(layers=2, checkpointed=2, offload=True, budget=0, estimate={}, kept_attention=keep)
+                memory.apply(model, plan, blocks=blocks)
+            group_unused.clear()
+            with Kernels() as kernels:
+                results.append(_loss_and_grads(model, batch))
+            kernel_calls.append(kernels.calls)
+    per_pass = 2 * (1 if equal_lengths else 6)  # 2 layers; one call for the whole rows, or one per sample
+    assert kernel_calls == [per_pass, 2 * per_pass, per_pass]
+    # the last run: q/k/v and gate/up groups in forward and recomputation, the 2 q/k/v ones unused there
+    assert len(group_unused) == 8 and sum(group_unused) == 2
+    for result in results[1:]:
+        torch.testing.assert_close(result[0], results[0][0])
+        assert result[1].keys() == results[0][1].keys()
+        for name in results[0][1]:
+            torch.testing.assert_close(result[1][name], results[0][1][name], rtol=1e-5, atol=1e-7)
+    assert memory.kept() is None
+
+
+def _cut(sample, length):
+    """``sample`` cut to ``length`` tokens (every sample of a row then as long as the longest)."""
+    from loraforge.train.data import TokenizedSample
+
+    assert len(sample.input_ids) >= length
+    return TokenizedSample(sample.input_ids[:length], sample.labels[:length])
 
 
 # ---- whole runs -------------------------------------------------------------------------------

@@ -138,10 +138,12 @@ def test_run_with_every_lever_matches_the_plain_run_on_gpu(tiny_model_dir, demo_
     assert attention.available(torch.device("cuda"))
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_fused_lora_on_nf4_base_equals_peft(tiny_model_dir, grouped):
+@pytest.mark.parametrize("grouped,recomputed", [(False, False), (True, False), (True, True)])
+def test_fused_lora_on_nf4_base_equals_peft(tiny_model_dir, grouped, recomputed):
     """QLoRA: the fused layer dequantizes the NF4 weight itself; loss and LoRA gradients as PEFT's,
-    each projection alone or q/k/v and gate/up grouped."""
+    each projection alone or q/k/v and gate/up grouped; ``recomputed``: the fused layers' every
+    decoder layer offloaded and recomputed in blocks (the groups' dequantized weights kept from
+    the recomputation for its backward)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -152,16 +154,91 @@ def test_fused_lora_on_nf4_base_equals_peft(tiny_model_dir, grouped):
     for fused in (False, True):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0})
+        recompute = fused and recomputed
+        if recompute:  # as train.model.wrap_lora does it
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+        model.train()  # from_pretrained's eval mode would leave checkpointing off
         if fused:
             assert fused_lora.apply(model)[0] == 14
             if grouped:
                 assert fused_lora.group(model) == 4
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        if recompute:
+            memory.apply(model, memory.MemoryPlan(layers=2, checkpointed=2, offload=True, budget=0, estimate={}), blocks=True)
+        dequantized = []
+        with pytest.MonkeyPatch.context() as mp:
+            plain_dense = fused_lora._dense_weight
+            mp.setattr(fused_lora, "_dense_weight", lambda base: dequantized.append(base) or plain_dense(base))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        if fused:
+            # per layer: 7 in forward and 7 in backward (but the first layer's q/k/v, whose input
+            # needs no gradient without checkpointing); recomputed, 7 + 5 + 2: the recomputation
+            # dequantizes q/k/v and gate/up (o and down skip theirs), and those 5 serve their
+            # backward too, which dequantizes only o and down
+            assert len(dequantized) == (2 * (7 + 5 + 2) if recomputed else 2 * 14 - 3)
         results.append((loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-2, atol=1e-2)
     for name, reference in results[0][1].items():
         # PEFT runs the LoRA product in fp32 (it casts x), the fused layer in bf16: a few % apart
         assert (results[1][1][name] - reference).norm() <= 0.06 * reference.norm() + 1e-6, name
+
+
+@pytest.mark.parametrize("equal_lengths", [False, True])
+def test_kept_attention_on_gpu_matches_no_checkpoint(equal_lengths):
+    """Offloaded blocks that keep their attention, bf16, head size 128: cuDNN through SDPA's rows
+    (equal lengths) or the flash varlen kernel (unequal): no attention kernel runs again in the
+    recomputation, and loss and LoRA gradients equal the run without checkpointing."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from loraforge.models import build_tiny_llama
+    from loraforge.train import fused_lora
+    from loraforge.train.loss import CausalLMLoss
+
+    lengths = [512, 512, 512] if equal_lengths else [700, 33, 512, 300]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    torch.manual_seed(0)
+    ids = torch.randint(5, 200, (1, sum(lengths)), device="cuda")
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
+
+    class Kernels(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func._schema.name in attention._KERNELS
+            return func(*args, **(kwargs or {}))
+
+    results, calls = [], []
+    for keep in (None, None, True):  # twice without checkpointing: the kernels' own run-to-run spread
+        model, _ = build_tiny_llama(hidden_size=512, num_heads=4, num_kv_heads=2, intermediate_size=1024, num_layers=3, seed=1)
+        model = model.to("cuda", torch.bfloat16)
+        model.set_attn_implementation(attention.register())
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+        fused_lora.apply(model)
+        fused_lora.group(model)
+        if keep:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+            memory.apply(model, memory.MemoryPlan(layers=3, checkpointed=3, offload=True, budget=0, estimate={}, kept_attention=True), blocks=True)
+        with warnings.catch_warnings(), Kernels() as kernels:
+            warnings.simplefilter("error", UserWarning)  # "computed again" would be one
+            loss = CausalLMLoss(model, True)(input_ids=ids, labels=ids, position_ids=positions, **attention.flat_kwargs(cu, max(lengths)))
+            loss.backward()
+        calls.append(kernels.calls)
+        results.append((loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert calls == [3, 3, 3]  # one kernel call per layer, and none again in the recomputation
+    torch.testing.assert_close(results[2][0], results[0][0])
+    for name, reference in results[0][1].items():
+        # the flash kernel's backward may sum q's gradient with atomic adds, in no fixed order:
+        # then not bitwise the same from run to run; the kept run may differ as much, no more
+        spread = (results[1][1][name] - reference).norm()
+        assert (results[2][1][name] - reference).norm() <= 3 * spread + 1e-3 * reference.norm() + 1e-6, (name, spread)
+    assert len(memory._last_offloaded) == 0

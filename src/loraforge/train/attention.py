@@ -16,6 +16,13 @@ it runs. Measured on an H200 (2 x 4,096 tokens, 32 heads, 8 KV heads, forward + 
 cuDNN 2.0 ms, the flash varlen kernel 3.6 ms (docs/BENCHMARKS.md, issue 7). cuDNN's own
 varlen entry point is not used: in torch 2.11 it was 10x slower and its gradients were wrong.
 
+In an offloaded layer's recomputation (``memory.Kept``) the attention is not computed again:
+the first forward keeps q, k, v and the kernel's outputs (its log-sum-exp included), and the
+recomputation hands them to the same kernel call's autograd node, so backward runs the kernel's
+own backward on the values of the first forward (``_Record`` / ``_Replay``). The inputs that
+arrive in the recomputation only carry the gradient back (``_Substitute``): their values are
+not read, which lets ``fused_lora`` skip the q/k/v matmuls there.
+
 The function is registered with transformers' attention interface under ``NAME``; a model
 loaded with ``attn_implementation=NAME`` reads the sample boundaries from the keyword
 arguments of its forward (``flat_kwargs``), which transformers passes down to every layer.
@@ -28,6 +35,10 @@ import functools
 import inspect
 
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from loraforge.train import memory
 
 NAME = "loraforge_varlen"
 
@@ -70,15 +81,112 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if query.shape[0] != 1:
         raise ValueError(f"{NAME} attention takes one flat row of packed samples, got a batch of {query.shape[0]}")
     max_len = int(kwargs["max_length_q"])
+    kept = memory.kept()
+    if kept is None:
+        return _attend(query, key, value, cu, max_len, scaling), None
+    if kept.recording:
+        with _Record() as record:
+            out = _attend(query, key, value, cu, max_len, scaling)
+        leaves, spec = pytree.tree_flatten(record.outputs)
+        kept.add("attention", [query, key, value, *leaves], spec)
+        return out, None
+    taken = kept.take("attention")
+    if taken is None:  # nothing kept for this call: computed again
+        return _attend(query, key, value, cu, max_len, scaling), None
+    values, spec = taken
+    query, key, value = (_Substitute.apply(t, v) for t, v in zip((query, key, value), values[:3]))
+    with _Replay(pytree.tree_unflatten(values[3:], spec)) as replay:
+        out = _attend(query, key, value, cu, max_len, scaling)
+    if replay.outputs or replay.missed:
+        _warn_once("the attention kernel of a recomputation was not the first forward's: computed again (correct, slower)")
+    return out, None
+
+
+def _attend(query, key, value, cu, max_len: int, scaling):
     samples, tokens = cu.shape[0] - 1, query.shape[2]
     if samples * max_len == tokens:  # no sample is shorter than the longest: whole rows
-        return _sdpa_rows(query, key, value, samples, scaling), None
+        return _sdpa_rows(query, key, value, samples, scaling)
     q, k, v = (t.squeeze(0).transpose(0, 1).contiguous() for t in (query, key, value))  # (T, H, D)
     if q.is_cuda:
         out = _flash_varlen(q, k, v, cu, max_len, scaling)
     else:
         out = _sdpa_per_sample(q, k, v, cu, scaling)
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0)
+
+
+# The kernels behind SDPA and torch's varlen_attn whose outputs (output, log-sum-exp, RNG
+# state, ...) their autograd node keeps for backward.
+_KERNELS = frozenset(
+    {
+        "aten::_scaled_dot_product_cudnn_attention",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "torch_attn::_varlen_attn",
+    }
+)
+
+
+class _Record(TorchDispatchMode):
+    """Runs the attention, keeping every ``_KERNELS`` call's outputs. The first forward runs
+    without autograd, where SDPA asks cuDNN and the memory-efficient kernel for no log-sum-exp;
+    it is asked for here, as backward needs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name not in _KERNELS:
+            return func(*args, **kwargs)
+        for i, argument in enumerate(func._schema.arguments):
+            if argument.name == "compute_log_sumexp":
+                if i < len(args):
+                    args = (*args[:i], True, *args[i + 1 :])
+                else:
+                    kwargs = {**kwargs, argument.name: True}
+        out = func(*args, **kwargs)
+        self.outputs.append((func._schema.name, pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, out)))
+        return out
+
+
+class _Replay(TorchDispatchMode):
+    """Answers the ``_KERNELS`` calls with the recorded outputs, in order, instead of running
+    them (autograd above records its node as usual); anything else runs."""
+
+    def __init__(self, outputs: list):
+        super().__init__()
+        self.outputs = list(outputs)
+        self.missed = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in _KERNELS:
+            if self.outputs and self.outputs[0][0] == name:
+                return self.outputs.pop(0)[1]
+            self.missed += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Substitute(torch.autograd.Function):
+    """``kept``'s values in forward, the gradient passed straight to ``x`` in backward: x is the
+    recomputation's tensor, equal to ``kept`` in value (which is not read)."""
+
+    @staticmethod
+    def forward(ctx, x, kept):
+        return kept
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
 
 
 @functools.cache
@@ -129,8 +237,8 @@ def _sdpa_per_sample(q, k, v, cu, scale):
     bounds = cu.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, n, D): 4D goes to a fused CPU kernel
         if groups > 1:
-            ks, vs = ks.repeat_interleave(groups, dim=0), vs.repeat_interleave(groups, dim=0)
-        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+            ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).squeeze(0).transpose(0, 1))
     return torch.cat(outs)

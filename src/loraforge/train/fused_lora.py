@@ -9,7 +9,8 @@ layer and ~30 GB of extra saved activations per micro-batch.
 Here one autograd function does it in the compute dtype: ``h = x A^T`` (tokens x r), then
 ``y = s h B^T`` with ``x W^T`` added by the base GEMM itself (``addmm_``, below); backward needs
 only x (shared by q/k/v and gate/up, kept once) and h. A 4-bit (NF4) base weight is dequantized for
-the matmul and again in backward, never stored dequantized. Gradients of A and B are the
+the matmul and again in backward, never stored dequantized (but from a group's recomputation to
+its backward, right after). Gradients of A and B are the
 same quantities PEFT's autograd computes, cast to the parameters' dtype (fp32 adapters keep
 their fp32 state and updates).
 
@@ -38,7 +39,11 @@ are. So in that pass the down projection skips its base matmul (and NF4 dequanti
 of a Llama layer's recomputed matmul FLOPs. Where the attention block and the MLP block are
 recomputed apart (``memory.offloaded_blocks``), the attention's output projection skips its
 base matmul the same way. Only for decoder layers known to be built so
-(``memory.RESIDUAL_LAYERS``); Gemma's, with a norm after the MLP, are not among them.
+(``memory.RESIDUAL_LAYERS``); Gemma's, with a norm after the MLP, are not among them. Where an
+offloaded layer keeps its attention's inputs (``memory.Kept``), the q/k/v group skips its base
+matmuls in the recomputation too: its outputs reach the attention only through views and the
+rotary embedding, whose backward reads no values, and the attention takes the kept ones.
+Layers that normalize q and k (Qwen3's q_norm / k_norm, whose backward reads them) do not.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import types
 
 import torch
 
-from loraforge.train.memory import RESIDUAL_LAYERS, recomputing
+from loraforge.train.memory import RESIDUAL_LAYERS, kept, recomputing
 
 # Decoder layers whose attention calls q/k/v, and whose MLP calls gate/up, on one tensor each.
 SHARED_INPUT_LAYERS = RESIDUAL_LAYERS
@@ -63,6 +68,10 @@ def _dense_weight(base) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(weight.data, state)
+
+
+def _quantized(base) -> bool:
+    return getattr(base.weight, "quant_state", None) is not None
 
 
 def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -84,10 +93,10 @@ def _scaled(B: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     return (B * scale).to(dtype) if scale != 1 else B.to(dtype)
 
 
-def _low_rank_plus_base(h: torch.Tensor, b: torch.Tensor, x2: torch.Tensor, base) -> torch.Tensor:
+def _low_rank_plus_base(h: torch.Tensor, b: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``h b^T + x W^T``: the rank-r product written once, the base GEMM adding into it (beta=1)."""
     y = h @ b.T
-    return y.addmm_(x2, _dense_weight(base).to(x2.dtype).T)
+    return y.addmm_(x2, weight.to(x2.dtype).T)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -99,7 +108,7 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         a, b = A.to(x.dtype), _scaled(B, scale, x.dtype)
         h = x2 @ a.T
-        y = x2.new_empty((x2.shape[0], base.out_features)) if value_unused else _low_rank_plus_base(h, b, x2, base)
+        y = x2.new_empty((x2.shape[0], base.out_features)) if value_unused else _low_rank_plus_base(h, b, x2, _dense_weight(base))
         # the compute-dtype copies of A and s B, not the parameters: backward does not cast again
         ctx.save_for_backward(x2, h, a, b)
         ctx.scale, ctx.base, ctx.shape, ctx.dtypes = scale, base, shape, (A.dtype, B.dtype)
@@ -120,11 +129,12 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 class LoraGroupFunction(torch.autograd.Function):
-    """Several fused LoRA projections of one input x: ``apply(x, bases, scales, A_1, B_1, A_2, B_2, ...)``
-    returns one output per base layer, each ``x W_i^T + s_i x A_i^T B_i^T``."""
+    """Several fused LoRA projections of one input x: ``apply(x, bases, scales, value_unused, A_1, B_1, A_2, B_2, ...)``
+    returns one output per base layer, each ``x W_i^T + s_i x A_i^T B_i^T`` (``value_unused``:
+    as ``LoraLinearFunction``'s, the values left unset)."""
 
     @staticmethod
-    def forward(ctx, x, bases, scales, *adapters):
+    def forward(ctx, x, bases, scales, value_unused, *adapters):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         As, Bs = adapters[0::2], adapters[1::2]
@@ -133,7 +143,18 @@ class LoraGroupFunction(torch.autograd.Function):
         ranks = [A.shape[0] for A in As]
         hs = h.split(ranks, dim=1)
         bs = [_scaled(B, s, x.dtype) for B, s in zip(Bs, scales)]
-        ys = [_low_rank_plus_base(h_i, b_i, x2, base).view(*shape[:-1], base.out_features) for h_i, b_i, base in zip(hs, bs, bases)]
+        # NF4 weights dequantized for a recomputation: its backward follows at once and needs
+        # them again; kept until then instead of dequantized a second time
+        ctx.dense = [] if recomputing() and not value_unused and any(_quantized(base) for base in bases) else None
+        if value_unused:
+            ys = [x2.new_empty((*shape[:-1], base.out_features)) for base in bases]
+        else:
+            ys = []
+            for h_i, b_i, base in zip(hs, bs, bases):
+                weight = _dense_weight(base)
+                ys.append(_low_rank_plus_base(h_i, b_i, x2, weight).view(*shape[:-1], base.out_features))
+                if ctx.dense is not None:
+                    ctx.dense.append(weight)
         ctx.save_for_backward(x2, h, a, *bs)
         ctx.bases, ctx.scales, ctx.ranks, ctx.shape = bases, scales, ranks, shape
         ctx.dtypes = [(A.dtype, B.dtype) for A, B in zip(As, Bs)]
@@ -144,7 +165,7 @@ class LoraGroupFunction(torch.autograd.Function):
         x2, h, a, *bs = ctx.saved_tensors
         gs = [g.reshape(-1, g.shape[-1]) for g in grads]
         grad_h = torch.cat([g @ b for g, b in zip(gs, bs)], dim=1)  # (tokens, sum of ranks)
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[4:]
         grad_adapters = []
         # one product for every A's gradient (x read once), split into each A's rows; each a
         # tensor of its own (a view would make the parameters' .grad share one storage)
@@ -158,10 +179,12 @@ class LoraGroupFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_h @ a  # then each base's input gradient added inside its GEMM: no autograd adds
-            for g, base in zip(gs, ctx.bases):
-                grad_x.addmm_(g, _dense_weight(base).to(g.dtype))
+            dense = ctx.dense or [_dense_weight(base) for base in ctx.bases]
+            ctx.dense = None
+            for g, w in zip(gs, dense):
+                grad_x.addmm_(g, w.to(g.dtype))
             grad_x = grad_x.view(ctx.shape)
-        return grad_x, None, None, *grad_adapters
+        return grad_x, None, None, None, *grad_adapters
 
 
 class SharedInput:
@@ -169,10 +192,13 @@ class SharedInput:
     gate/up): the first call runs ``LoraGroupFunction`` for all of them, the others take their
     output. A call on another tensor (or a projection called twice) starts the group afresh,
     and every forward of the module that holds them (``parent``) starts with an empty group, so
-    an output is only ever taken within the call that computed it."""
+    an output is only ever taken within the call that computed it. ``feeds_attention``: the
+    outputs reach the attention kernel only through views and the rotary embedding (q/k/v of a
+    layer without q/k norms), so where the attention is kept (``memory.Kept``) their values go unread."""
 
-    def __init__(self, modules, parent: torch.nn.Module):
+    def __init__(self, modules, parent: torch.nn.Module, feeds_attention: bool = False):
         self.modules = list(modules)
+        self.feeds_attention = feeds_attention
         self.x = None
         self.pending: dict[int, torch.Tensor] = {}
         parent.register_forward_pre_hook(self.clear)
@@ -185,7 +211,9 @@ class SharedInput:
             ms = self.modules
             adapters = [t for m in ms for t in (m.lora_A[m._loraforge_adapter].weight, m.lora_B[m._loraforge_adapter].weight)]
             scales = tuple(float(m.scaling[m._loraforge_adapter]) for m in ms)
-            outs = LoraGroupFunction.apply(x, tuple(m.get_base_layer() for m in ms), scales, *adapters)
+            store = kept()
+            unused = self.feeds_attention and store is not None and store.pending("attention")
+            outs = LoraGroupFunction.apply(x, tuple(m.get_base_layer() for m in ms), scales, unused, *adapters)
             self.x, self.pending = x, {id(m): y for m, y in zip(ms, outs)}
         y = self.pending.pop(id(module))
         if not self.pending:  # every output taken: hold no tensor between layers
@@ -261,7 +289,8 @@ def group(model) -> int:
             members = [m for m in members if getattr(m, "_loraforge_adapter", None) is not None and m._loraforge_group is None]
             if len(members) < 2 or len({m.get_base_layer().in_features for m in members}) != 1:
                 continue
-            shared = SharedInput(members, parent)
+            feeds_attention = names[0] == "q_proj" and getattr(parent, "q_norm", None) is None and getattr(parent, "k_norm", None) is None
+            shared = SharedInput(members, parent, feeds_attention)
             for m in members:
                 m._loraforge_group = shared
             count += 1

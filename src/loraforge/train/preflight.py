@@ -152,7 +152,8 @@ def plan_memory(model, cfg: TrainConfig, dtype, device, seq_len: int, fused_loss
         planned = cfg.model_copy(update={"adapter_dtype": adapter_dtype})
         parts = estimate_memory(model, planned, dtype, seq_len, cfg.micro_batch_size, False, fused_loss, flat)
         fixed = {k: v for k, v in parts.items() if k != "activations"}
-        chosen = memory.plan(fixed, memory.layer_bytes(model.config, dtype.itemsize), model.config.num_hidden_layers, cfg.micro_batch_size * seq_len, budget, cfg.gradient_checkpointing, offload)
+        per_token = memory.layer_bytes(model.config, dtype.itemsize, keep_attention=cfg.keep_attention and flat)
+        chosen = memory.plan(fixed, per_token, model.config.num_hidden_layers, cfg.micro_batch_size * seq_len, budget, cfg.gradient_checkpointing, offload)
         chosen.adapter_dtype = adapter_dtype
         return chosen
 
