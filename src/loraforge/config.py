@@ -188,8 +188,9 @@ class TrainConfig(_Section):
     # Checkpointed layers keep their input in pinned CPU memory (CUDA). null: only when recomputing
     # every layer still exceeds the budget.
     offload_activations: bool | None = None
-    # Offloaded layers also keep their attention's inputs and outputs in CPU memory, so their
-    # recomputation runs neither the attention kernel nor the q/k/v matmuls (varlen attention).
+    # Offloaded layers also keep their attention's inputs and outputs in CPU memory (varlen
+    # attention), so their recomputation runs no attention kernel, nor (grouped fused LoRA,
+    # Llama / Mistral / Qwen2 layers: no q/k norms) the q/k/v base matmuls.
     keep_attention: bool = True
     # varlen: padding-free packing, a micro-batch's samples in one flat row and flash varlen
     # attention confined to each sample (CUDA). sdpa: padded rows with a block mask (any device).

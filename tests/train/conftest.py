@@ -1,3 +1,5 @@
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from loraforge.config import load_config
 
 
@@ -9,3 +11,17 @@ def train_config(model_dir, data, out, **overrides):
     }
     base.update(overrides)
     return load_config(overrides=base)
+
+
+
+class KernelCalls(TorchDispatchMode):
+    """Counts the calls of the named aten / custom ops that really run (a mode entered later
+    that answers a call itself hides it from this one)."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names, self.calls = frozenset(names), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func._schema.name in self.names
+        return func(*args, **(kwargs or {}))

@@ -7,6 +7,7 @@ kernels (flash varlen, Liger) are checked the same way on the H200: scripts/gpu_
 """
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from loraforge.train.data import IGNORE, ChatTokenizer, read_messages
 from loraforge.train.loss import CausalLMLoss, ChunkedLinearCrossEntropy, plain_loss_sum
 from loraforge.train.recipe import train
 
-from .conftest import train_config
+from .conftest import KernelCalls, train_config
 
 
 def _lora(model, dropout=0.0):
@@ -421,8 +422,6 @@ def test_kept_attention_is_not_computed_again_and_keeps_the_gradients(samples, b
     gradient equal those of the run without checkpointing. Samples of equal length go through
     SDPA's row kernel, unequal ones through one kernel call per sample; the layer recomputed
     whole or as two blocks."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from loraforge.models import build_tiny_llama
     from loraforge.train import fused_lora
 
@@ -432,15 +431,6 @@ def test_kept_attention_is_not_computed_again_and_keeps_the_gradients(samples, b
         rows = [samples[:3], samples[3:6]]
     batch = collate_flat(rows)
 
-    class Kernels(TorchDispatchMode):  # the attention kernels that really run
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += func._schema.name == "aten::_scaled_dot_product_flash_attention_for_cpu"
-            return func(*args, **(kwargs or {}))
-
     group_unused = []
     plain_group = fused_lora.LoraGroupFunction.forward
 
@@ -448,8 +438,9 @@ def test_kept_attention_is_not_computed_again_and_keeps_the_gradients(samples, b
         group_unused.append(value_unused)
         return plain_group(ctx, x, bases, scales, value_unused, *adapters)
 
-    results, kernel_calls = [], []
-    with pytest.MonkeyPatch.context() as mp:
+    results, kernel_calls, unused_per_run = [], [], []
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "computed again" would be one
         mp.setattr(fused_lora.LoraGroupFunction, "forward", staticmethod(counting_group))
         for keep in (None, False, True):  # None: no checkpointing
             model, _ = build_tiny_llama(seed=6)
@@ -463,19 +454,40 @@ def test_kept_attention_is_not_computed_again_and_keeps_the_gradients(samples, b
                 plan = memory.MemoryPlan(layers=2, checkpointed=2, offload=True, budget=0, estimate={}, kept_attention=keep)
                 memory.apply(model, plan, blocks=blocks)
             group_unused.clear()
-            with Kernels() as kernels:
+            with KernelCalls({"aten::_scaled_dot_product_flash_attention_for_cpu"}) as kernels:
                 results.append(_loss_and_grads(model, batch))
             kernel_calls.append(kernels.calls)
+            unused_per_run.append((len(group_unused), sum(group_unused)))
     per_pass = 2 * (1 if equal_lengths else 6)  # 2 layers; one call for the whole rows, or one per sample
     assert kernel_calls == [per_pass, 2 * per_pass, per_pass]
-    # the last run: q/k/v and gate/up groups in forward and recomputation, the 2 q/k/v ones unused there
-    assert len(group_unused) == 8 and sum(group_unused) == 2
+    # q/k/v and gate/up groups in forward (and recomputation); kept, the 2 q/k/v ones unused there
+    assert unused_per_run == [(4, 0), (8, 0), (8, 2)]
     for result in results[1:]:
         torch.testing.assert_close(result[0], results[0][0])
         assert result[1].keys() == results[0][1].keys()
         for name in results[0][1]:
             torch.testing.assert_close(result[1][name], results[0][1][name], rtol=1e-5, atol=1e-7)
     assert memory.kept() is None
+
+
+def test_replay_runs_a_kernel_call_that_is_not_the_recorded_one():
+    """Replayed outputs go only to the call that made them (same kernel, same shapes): a call
+    out of order runs the kernel instead of taking another call's output."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.manual_seed(0)
+    long, short = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 3, 4)
+    with attention._Record() as record:
+        sdpa(long, long, long, is_causal=True)
+        sdpa(short, short, short, is_causal=True)
+    assert len(record.outputs) == 2
+    with attention._Replay(record.outputs) as replay:
+        got = [sdpa(t, t, t, is_causal=True) for t in (short, long)]
+    assert replay.missed == 2
+    for t, out in zip((short, long), got):
+        torch.testing.assert_close(out, sdpa(t, t, t, is_causal=True))
+    with attention._Replay(record.outputs) as replay:
+        sdpa(long, long, long, is_causal=True)
+    assert replay.missed == 0
 
 
 def _cut(sample, length):

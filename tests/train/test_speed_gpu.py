@@ -15,7 +15,7 @@ from loraforge.train.data import IGNORE
 from loraforge.train.loss import ChunkedLinearCrossEntropy, fused_loss_sum, plain_loss_sum
 from loraforge.train.recipe import train
 
-from .conftest import train_config
+from .conftest import KernelCalls, train_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -194,7 +194,6 @@ def test_kept_attention_on_gpu_matches_no_checkpoint(equal_lengths):
     import warnings
 
     from peft import LoraConfig, get_peft_model
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from loraforge.models import build_tiny_llama
     from loraforge.train import fused_lora
@@ -205,15 +204,6 @@ def test_kept_attention_on_gpu_matches_no_checkpoint(equal_lengths):
     torch.manual_seed(0)
     ids = torch.randint(5, 200, (1, sum(lengths)), device="cuda")
     positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
-
-    class Kernels(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += func._schema.name in attention._KERNELS
-            return func(*args, **(kwargs or {}))
 
     results, calls = [], []
     for keep in (None, None, True):  # twice without checkpointing: the kernels' own run-to-run spread
@@ -228,7 +218,7 @@ def test_kept_attention_on_gpu_matches_no_checkpoint(equal_lengths):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
             memory.apply(model, memory.MemoryPlan(layers=3, checkpointed=3, offload=True, budget=0, estimate={}, kept_attention=True), blocks=True)
-        with warnings.catch_warnings(), Kernels() as kernels:
+        with warnings.catch_warnings(), KernelCalls(attention._KERNELS) as kernels:
             warnings.simplefilter("error", UserWarning)  # "computed again" would be one
             loss = CausalLMLoss(model, True)(input_ids=ids, labels=ids, position_ids=positions, **attention.flat_kwargs(cu, max(lengths)))
             loss.backward()

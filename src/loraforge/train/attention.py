@@ -88,6 +88,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
         with _Record() as record:
             out = _attend(query, key, value, cu, max_len, scaling)
         leaves, spec = pytree.tree_flatten(record.outputs)
+        # ``out`` is a view of the kept output, copied out after the block: nothing may write it in place
         kept.add("attention", [query, key, value, *leaves], spec)
         return out, None
     taken = kept.take("attention")
@@ -147,13 +148,14 @@ class _Record(TorchDispatchMode):
                 else:
                     kwargs = {**kwargs, argument.name: True}
         out = func(*args, **kwargs)
-        self.outputs.append((func._schema.name, pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, out)))
+        self.outputs.append((_call_key(func, args), pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, out)))
         return out
 
 
 class _Replay(TorchDispatchMode):
-    """Answers the ``_KERNELS`` calls with the recorded outputs, in order, instead of running
-    them (autograd above records its node as usual); anything else runs."""
+    """Answers the ``_KERNELS`` calls with the recorded outputs, the n-th call with the n-th
+    recorded one, instead of running them (autograd above records its node as usual); a call
+    that is not the recorded one (another kernel, other shapes) runs, and so does anything else."""
 
     def __init__(self, outputs: list):
         super().__init__()
@@ -161,12 +163,17 @@ class _Replay(TorchDispatchMode):
         self.missed = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if name in _KERNELS:
-            if self.outputs and self.outputs[0][0] == name:
-                return self.outputs.pop(0)[1]
+        if func._schema.name in _KERNELS:
+            key, out = self.outputs.pop(0) if self.outputs else (None, None)
+            if key == _call_key(func, args):
+                return out
             self.missed += 1
         return func(*args, **(kwargs or {}))
+
+
+def _call_key(func, args) -> tuple:
+    """A kernel call told apart from another: its name and its tensors' shapes."""
+    return (func._schema.name, *(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
 
 
 class _Substitute(torch.autograd.Function):

@@ -9,8 +9,8 @@ layer and ~30 GB of extra saved activations per micro-batch.
 Here one autograd function does it in the compute dtype: ``h = x A^T`` (tokens x r), then
 ``y = s h B^T`` with ``x W^T`` added by the base GEMM itself (``addmm_``, below); backward needs
 only x (shared by q/k/v and gate/up, kept once) and h. A 4-bit (NF4) base weight is dequantized for
-the matmul and again in backward, never stored dequantized (but from a group's recomputation to
-its backward, right after). Gradients of A and B are the
+the matmul and again in backward, never stored dequantized (but from a group's recomputation in
+a residual block to that block's backward). Gradients of A and B are the
 same quantities PEFT's autograd computes, cast to the parameters' dtype (fp32 adapters keep
 their fp32 state and updates).
 
@@ -42,7 +42,8 @@ base matmul the same way. Only for decoder layers known to be built so
 (``memory.RESIDUAL_LAYERS``); Gemma's, with a norm after the MLP, are not among them. Where an
 offloaded layer keeps its attention's inputs (``memory.Kept``), the q/k/v group skips its base
 matmuls in the recomputation too: its outputs reach the attention only through views and the
-rotary embedding, whose backward reads no values, and the attention takes the kept ones.
+rotary embedding, whose backward reads no values (its cos and sin need no gradient), and the
+attention takes the kept ones.
 Layers that normalize q and k (Qwen3's q_norm / k_norm, whose backward reads them) do not.
 """
 
@@ -143,9 +144,10 @@ class LoraGroupFunction(torch.autograd.Function):
         ranks = [A.shape[0] for A in As]
         hs = h.split(ranks, dim=1)
         bs = [_scaled(B, s, x.dtype) for B, s in zip(Bs, scales)]
-        # NF4 weights dequantized for a recomputation: its backward follows at once and needs
-        # them again; kept until then instead of dequantized a second time
-        ctx.dense = [] if recomputing() and not value_unused and any(_quantized(base) for base in bases) else None
+        # NF4 weights dequantized in a block's recomputation: the block's backward follows at
+        # once and needs them again; kept until then instead of dequantized a second time (not
+        # in a whole layer's, whose backward would hold q/k/v's through the MLP's)
+        ctx.dense = [] if recomputing() == "block" and not value_unused and any(_quantized(base) for base in bases) else None
         if value_unused:
             ys = [x2.new_empty((*shape[:-1], base.out_features)) for base in bases]
         else:
@@ -179,7 +181,7 @@ class LoraGroupFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_h @ a  # then each base's input gradient added inside its GEMM: no autograd adds
-            dense = ctx.dense or [_dense_weight(base) for base in ctx.bases]
+            dense = ctx.dense or map(_dense_weight, ctx.bases)  # one at a time when not kept
             ctx.dense = None
             for g, w in zip(gs, dense):
                 grad_x.addmm_(g, w.to(g.dtype))

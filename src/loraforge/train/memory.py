@@ -14,7 +14,8 @@ MLP width m and b bytes per value (what autograd keeps for backward):
   not checkpointed  (8h + 2kv + 4m) b    norms, q/k/v/o and their LoRA inputs, MLP in/out
   checkpointed      h b                  the layer's input (offloaded by blocks: 2 h b, in CPU memory)
   recomputing       (8h + 2kv + 4m) b    one layer at a time, in backward
-  kept attention    (2h + 2kv) b         q, k, v and the attention's output, in CPU memory (``Kept``)
+  kept attention    (2h + 2kv) b + 4 H   q, k, v, the attention's output and its fp32 log-sum-exp
+                                         (H heads), in CPU memory (``Kept``)
 """
 
 from __future__ import annotations
@@ -271,14 +272,14 @@ class _Offloaded:
 
     def add(self, values: list, min_bytes: int = _OFFLOAD_MIN_BYTES) -> None:
         """Copy ``values`` out too (on the side stream, after what the GPU has queued so far);
-        smaller GPU tensors stay where they are (a kernel's RNG state, empty placeholders: a
-        copy's fixed cost for nothing)."""
+        GPU tensors under ``min_bytes`` stay where they are (a kernel's RNG state, empty
+        placeholders, a short row's log-sum-exp: a copy's fixed cost for little)."""
         stream = _side_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         for value in values:
             move = isinstance(value, torch.Tensor) and value.is_cuda and value.nbytes >= min_bytes
-            if move:  # same strides: kernels get back the layout they wrote (no copy to a new one)
-                cpu = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, pin_memory=True)
+            if move:  # a dense tensor keeps its strides: kernels get back the layout they wrote
+                cpu = torch.empty_like(value, device="cpu", pin_memory=True)
                 with torch.cuda.stream(stream):
                     cpu.copy_(value.detach(), non_blocking=True)
                 value.record_stream(stream)  # its memory is not reused before the copy is done
