@@ -187,10 +187,16 @@ def test_fused_lora_on_nf4_base_equals_peft(tiny_model_dir, grouped, recomputed)
 
 
 @pytest.mark.parametrize("equal_lengths", [False, True])
-def test_kept_attention_on_gpu_matches_no_checkpoint(equal_lengths):
+def test_kept_attention_on_gpu_is_as_exact_as_no_checkpoint(equal_lengths):
     """Offloaded blocks that keep their attention, bf16, head size 128: cuDNN through SDPA's rows
-    (equal lengths) or the flash varlen kernel (unequal): no attention kernel runs again in the
-    recomputation, and loss and LoRA gradients equal the run without checkpointing."""
+    (equal lengths) or the flash varlen kernel (unequal). No attention kernel runs again in the
+    recomputation, and the LoRA gradients are as close to an fp32 reference (CPU, no
+    checkpointing) as those of the bf16 run without checkpointing.
+
+    Not bitwise equal to that run: on the H200 (torch 2.11) the flash varlen path's gradients
+    differed from it by 0.4% (a bf16 rounding step; the kept output comes from the first,
+    no-grad forward), while two runs without checkpointing were bitwise equal. A wrong kept
+    value (another sample's, a stale one) is off by far more than the bf16 error."""
     import warnings
 
     from peft import LoraConfig, get_peft_model
@@ -200,15 +206,15 @@ def test_kept_attention_on_gpu_matches_no_checkpoint(equal_lengths):
     from loraforge.train.loss import CausalLMLoss
 
     lengths = [512, 512, 512] if equal_lengths else [700, 33, 512, 300]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     torch.manual_seed(0)
-    ids = torch.randint(5, 200, (1, sum(lengths)), device="cuda")
-    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
+    ids = torch.randint(5, 200, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
 
-    results, calls = [], []
-    for keep in (None, None, True):  # twice without checkpointing: the kernels' own run-to-run spread
+    results, calls = {}, {}
+    for run, device, dtype, keep in (("fp32", "cpu", torch.float32, False), ("plain", "cuda", torch.bfloat16, False), ("kept", "cuda", torch.bfloat16, True)):
         model, _ = build_tiny_llama(hidden_size=512, num_heads=4, num_kv_heads=2, intermediate_size=1024, num_layers=3, seed=1)
-        model = model.to("cuda", torch.bfloat16)
+        model = model.to(device, dtype)
         model.set_attn_implementation(attention.register())
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
@@ -220,15 +226,17 @@ def test_kept_attention_on_gpu_matches_no_checkpoint(equal_lengths):
             memory.apply(model, memory.MemoryPlan(layers=3, checkpointed=3, offload=True, budget=0, estimate={}, kept_attention=True), blocks=True)
         with warnings.catch_warnings(), KernelCalls(attention._KERNELS) as kernels:
             warnings.simplefilter("error", UserWarning)  # "computed again" would be one
-            loss = CausalLMLoss(model, True)(input_ids=ids, labels=ids, position_ids=positions, **attention.flat_kwargs(cu, max(lengths)))
+            inputs = {"input_ids": ids.to(device), "labels": ids.to(device), "position_ids": positions.to(device)}
+            loss = CausalLMLoss(model, True)(**inputs, **attention.flat_kwargs(cu.to(device), max(lengths)))
             loss.backward()
-        calls.append(kernels.calls)
-        results.append((loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}))
-    assert calls == [3, 3, 3]  # one kernel call per layer, and none again in the recomputation
-    torch.testing.assert_close(results[2][0], results[0][0])
-    for name, reference in results[0][1].items():
-        # the flash kernel's backward may sum q's gradient with atomic adds, in no fixed order:
-        # then not bitwise the same from run to run; the kept run may differ as much, no more
-        spread = (results[1][1][name] - reference).norm()
-        assert (results[2][1][name] - reference).norm() <= 3 * spread + 1e-3 * reference.norm() + 1e-6, (name, spread)
+        calls[run] = kernels.calls
+        results[run] = (loss.detach().float().cpu(), {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None})
+    assert calls["plain"] == calls["kept"] == 3  # one kernel call per layer, and none again in the recomputation
+    torch.testing.assert_close(results["kept"][0], results["plain"][0], rtol=1e-3, atol=1e-3)
+    reference = results["fp32"][1]
+    assert results["kept"][1].keys() == reference.keys()
+    for name, exact in reference.items():
+        plain_error = (results["plain"][1][name] - exact).norm()
+        kept_error = (results["kept"][1][name] - exact).norm()
+        assert kept_error <= 1.5 * plain_error + 1e-3 * exact.norm() + 1e-6, (name, kept_error, plain_error)
     assert len(memory._last_offloaded) == 0
