@@ -60,19 +60,18 @@ from loraforge.train.memory import RESIDUAL_LAYERS, kept, recomputing
 SHARED_INPUT_LAYERS = RESIDUAL_LAYERS
 
 
+def _quantized(base) -> bool:
+    """The base layer's weight is bitsandbytes 4-bit (it carries its quantization state)."""
+    return getattr(base.weight, "quant_state", None) is not None
+
+
 def _dense_weight(base) -> torch.Tensor:
     """The base layer's weight as a dense (out, in) tensor (NF4 dequantized on the fly)."""
-    weight = base.weight
-    state = getattr(weight, "quant_state", None)
-    if state is None:
-        return weight
+    if not _quantized(base):
+        return base.weight
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(weight.data, state)
-
-
-def _quantized(base) -> bool:
-    return getattr(base.weight, "quant_state", None) is not None
+    return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
 
 
 def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
