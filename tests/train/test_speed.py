@@ -609,3 +609,36 @@ def test_the_training_forward_builds_no_kv_cache(samples):
         loss_module = CausalLMLoss(model, fused=False)
         loss_module.head_is_matmul = head_is_matmul
         assert cats(lambda: loss_module(input_ids=batch.input_ids, labels=batch.labels, **kwargs)) == without_cache
+
+
+def test_patches_for_one_model_instance_stay_with_it(monkeypatch):
+    """``model.instance_only``: what a kernel library's apply-to-instance puts into the model
+    family's transformers module (Liger: the norm and MLP classes, the rotary function) does not
+    reach a model built afterwards, and a CPU model keeps working; the instance keeps its own."""
+    from transformers.models.llama import modeling_llama
+
+    from loraforge.models import build_tiny_llama
+    from loraforge.train.model import instance_only
+
+    for name in ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))  # restored after the test
+    original_norm, original_rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
+
+    def gpu_rope(*args, **kwargs):
+        raise RuntimeError("a GPU kernel ran on the CPU")
+
+    class GpuNorm(original_norm):
+        def forward(self, x):
+            raise RuntimeError("a GPU kernel ran on the CPU")
+
+    model, _ = build_tiny_llama(num_layers=1)
+    with instance_only(model):
+        modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb = GpuNorm, gpu_rope
+        model.model.norm.forward = lambda x: x * 0  # the instance's own patch
+    assert modeling_llama.LlamaRMSNorm is original_norm
+    later, _ = build_tiny_llama(num_layers=1)
+    assert type(later.model.norm) is original_norm
+    ids = torch.randint(0, 100, (1, 8))
+    assert later(input_ids=ids).logits.abs().sum() > 0  # CPU rotary: the original function
+    assert modeling_llama.apply_rotary_pos_emb.__wrapped__ is original_rope
+    assert model(input_ids=ids).logits.abs().sum() == 0  # the patched instance's norm zeroes everything

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import sys
 
 import torch
 
@@ -60,11 +63,45 @@ def apply_accelerations(model, cfg: TrainConfig, device: torch.device) -> list[s
     except ImportError:
         return []
     try:
-        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+        with instance_only(model):
+            _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
     except Exception as exc:  # an incompatible version must not cost the run: train without it
         log.warning("Liger kernels are installed but could not be applied (%s); training without them", exc)
         return [f"liger: not applied ({type(exc).__name__})"]
     return ["liger: rope, rms_norm, swiglu"]
+
+
+@contextlib.contextmanager
+def instance_only(model):
+    """Patches meant for ``model`` stay with it. Liger's apply-to-instance also replaces names in
+    the model family's transformers module (``LlamaRMSNorm``, ``LlamaMLP``,
+    ``apply_rotary_pos_emb``) for every model built afterwards in the process, CPU ones
+    included, where its Triton kernels fail. The instance's modules are patched one by one, so
+    the module's classes are put back afterwards; a replaced function, which the instance's own
+    code looks up in the module at each call (the rotary embedding), goes to the new one for
+    CUDA tensors and to the one it replaced for others."""
+    modeling = sys.modules[type(model).__module__]
+    before = dict(vars(modeling))
+    try:
+        yield
+    finally:
+        for name, value in list(vars(modeling).items()):
+            old = before.get(name)
+            if old is None or old is value:
+                continue
+            if isinstance(old, type):
+                setattr(modeling, name, old)
+            elif callable(old):
+                setattr(modeling, name, _on_cuda(value, old))
+
+
+def _on_cuda(cuda_fn, other_fn):
+    @functools.wraps(other_fn)
+    def dispatch(*args, **kwargs):
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        return (cuda_fn if isinstance(first, torch.Tensor) and first.is_cuda else other_fn)(*args, **kwargs)
+
+    return dispatch
 
 
 def wrap_lora(model, cfg: TrainConfig, checkpointing: bool):
