@@ -206,6 +206,9 @@ class TrainConfig(_Section):
     # product and the input gradient summed inside the GEMMs, wherever fused_lora is on, in
     # Llama, Mistral and Qwen decoder layers. false: each projection alone.
     grouped_lora: bool = True
+    # QLoRA: the fused layers dequantize their NF4 base weights with loraforge's one-kernel Triton
+    # path (train.nf4) where triton is installed; false: bitsandbytes' own dequantization.
+    nf4_kernel: bool = True
     # LoRA weights, their gradients and AdamW state: fp32 (PEFT's default: exact small updates, and
     # PEFT casts each LoRA input to fp32) or the base model's dtype (bf16 on GPU: half the memory
     # and traffic of the adapter path, updates rounded to bf16). null: fp32, unless the memory

@@ -611,6 +611,60 @@ def test_the_training_forward_builds_no_kv_cache(samples):
         assert cats(lambda: loss_module(input_ids=batch.input_ids, labels=batch.labels, **kwargs)) == without_cache
 
 
+_INTERPRETED = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its own jit functions too
+import torch
+from loraforge.train import nf4
+packed, state = torch.load(sys.argv[1], weights_only=False)
+assert nf4.covered(packed, state) is None, nf4.covered(packed, state)
+torch.save(nf4.dequantize(packed, state), sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("dtype,nested,blocksize", [(torch.float16, True, 64), (torch.float32, False, 64), (torch.float32, True, 128), (torch.bfloat16, True, 64)])
+def test_nf4_kernel_equals_the_4bit_format_under_triton_interpreter(dtype, nested, blocksize, tmp_path):
+    """``nf4.dequantize``'s kernel, run by Triton's interpreter on the CPU, against the format's
+    definition (bitsandbytes' absmax dequantization, then ``code[nibble] * absmax`` in fp32):
+    every value, the high nibble first, the last partial program, a shape that is not a multiple
+    of the block. Exact in fp16 and fp32; bf16 within one step, because the interpreter
+    truncates fp32 to bf16 where the GPU rounds (the GPU test checks bitwise against
+    bitsandbytes' CUDA path)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from loraforge.train import nf4
+
+    torch.manual_seed(0)
+    w = torch.randn(37, 3 * nf4.BLOCK_BYTES // 16 + 8, dtype=dtype) * 3
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
+    torch.save((packed, state), tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", _INTERPRETED, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True, timeout=120)
+    got = torch.load(tmp_path / "out.pt")
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[: w.numel()].long()
+    expected = (state.code[codes] * absmax.float().repeat_interleave(blocksize)[: w.numel()]).reshape(w.shape).to(dtype)
+    assert got.shape == w.shape and got.dtype == dtype
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(got, expected, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(got, expected)
+    assert (got.float() - w.float()).abs().mean() < 0.1 * w.float().abs().mean()  # and it is the weight
+
+
+def test_nf4_dequantize_leaves_what_the_kernel_does_not_cover_to_bitsandbytes():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from loraforge.train import nf4
+
+    w = torch.randn(16, 64)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="fp4")
+    assert nf4.covered(packed, state) in ("4-bit type fp4", "not on a CUDA device", "triton is not installed")
+    assert torch.equal(nf4.dequantize(packed, state), bnbf.dequantize_4bit(packed, state))
+
+
 def test_patches_for_one_model_instance_stay_with_it(monkeypatch):
     """``model.instance_only``: what a kernel library's apply-to-instance puts into the model
     family's transformers module (Liger: the norm and MLP classes, the rotary function) does not

@@ -138,9 +138,10 @@ def test_run_with_every_lever_matches_the_plain_run_on_gpu(tiny_model_dir, demo_
     assert attention.available(torch.device("cuda"))
 
 
-@pytest.mark.parametrize("grouped,recomputed", [(False, False), (True, False), (True, True)])
-def test_fused_lora_on_nf4_base_equals_peft(tiny_model_dir, grouped, recomputed):
-    """QLoRA: the fused layer dequantizes the NF4 weight itself; loss and LoRA gradients as PEFT's,
+@pytest.mark.parametrize("grouped,recomputed,nf4_kernel", [(False, False, False), (True, False, True), (True, True, True)])
+def test_fused_lora_on_nf4_base_equals_peft(tiny_model_dir, grouped, recomputed, nf4_kernel):
+    """QLoRA: the fused layer dequantizes the NF4 weight itself (bitsandbytes' path or
+    ``train.nf4``'s kernel); loss and LoRA gradients as PEFT's,
     each projection alone or q/k/v and gate/up grouped; ``recomputed``: the fused layers' every
     decoder layer offloaded and recomputed in blocks (the groups' dequantized weights kept from
     the recomputation for its backward)."""
@@ -162,7 +163,8 @@ def test_fused_lora_on_nf4_base_equals_peft(tiny_model_dir, grouped, recomputed)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
         model.train()  # from_pretrained's eval mode would leave checkpointing off
         if fused:
-            assert fused_lora.apply(model)[0] == 14
+            assert fused_lora.apply(model, nf4_kernel=nf4_kernel)[0] == 14
+            assert fused_lora.dequantizer(model).startswith("one Triton kernel" if nf4_kernel else "bitsandbytes")
             if grouped:
                 assert fused_lora.group(model) == 4
         if recompute:
@@ -243,3 +245,18 @@ def test_kept_attention_on_gpu_is_as_exact_as_no_checkpoint(equal_lengths):
         assert kept_error <= 1.5 * plain_error + 1e-3 * exact.norm() + 1e-6, (name, kept_error, plain_error)
     assert len(memory._last_offloaded) == 0
 
+
+@pytest.mark.parametrize("dtype,nested,storage", [(torch.bfloat16, True, torch.uint8), (torch.float16, True, torch.uint8), (torch.bfloat16, False, torch.uint8), (torch.bfloat16, True, torch.bfloat16)])
+def test_nf4_kernel_equals_bitsandbytes_bitwise(dtype, nested, storage):
+    """``train.nf4``'s one-kernel dequantization against bitsandbytes' own CUDA path, bitwise:
+    double quantization or not, bf16 / fp16 out, packed bytes in uint8 or in FSDP's bf16
+    containers; a size whose last program is partial."""
+    import bitsandbytes.functional as bnbf
+
+    from loraforge.train import nf4
+
+    torch.manual_seed(0)
+    w = torch.randn(1000, 4096 + 64, device="cuda", dtype=dtype)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4", quant_storage=storage)
+    assert nf4.covered(packed, state) is None
+    assert torch.equal(nf4.dequantize(packed, state), bnbf.dequantize_4bit(packed, state))

@@ -54,6 +54,7 @@ import types
 
 import torch
 
+from loraforge.train import nf4
 from loraforge.train.memory import RESIDUAL_LAYERS, kept, recomputing
 
 # Decoder layers whose attention calls q/k/v, and whose MLP calls gate/up, on one tensor each.
@@ -66,12 +67,11 @@ def _quantized(base) -> bool:
 
 
 def _dense_weight(base) -> torch.Tensor:
-    """The base layer's weight as a dense (out, in) tensor (NF4 dequantized on the fly)."""
+    """The base layer's weight as a dense (out, in) tensor (NF4 dequantized on the fly, by
+    ``nf4``'s kernel where ``apply`` asked for it, else by bitsandbytes)."""
     if not _quantized(base):
         return base.weight
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    return nf4.dequantize(base.weight.data, base.weight.quant_state, getattr(base, "_loraforge_nf4_kernel", False))
 
 
 def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -255,8 +255,9 @@ def fusable(module) -> str | None:
     return None
 
 
-def apply(model) -> tuple[int, dict[str, int]]:
-    """Fuse every LoRA linear layer of ``model`` that can be; returns (fused, {reason: count})."""
+def apply(model, nf4_kernel: bool = True) -> tuple[int, dict[str, int]]:
+    """Fuse every LoRA linear layer of ``model`` that can be; returns (fused, {reason: count}).
+    ``nf4_kernel``: 4-bit base weights dequantized by ``nf4``'s kernel where it covers them."""
     unused_in = _unused_in_recomputation(model)
     fused, skipped = 0, {}
     for module in model.modules():
@@ -270,6 +271,7 @@ def apply(model) -> tuple[int, dict[str, int]]:
         module._loraforge_adapter = next(iter(module.lora_A.keys()))
         module._loraforge_unused_in = unused_in.get(id(module), ())
         module._loraforge_group = None
+        module.get_base_layer()._loraforge_nf4_kernel = nf4_kernel
         module._loraforge_peft_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
         fused += 1
@@ -296,6 +298,19 @@ def group(model) -> int:
                 m._loraforge_group = shared
             count += 1
     return count
+
+
+def dequantizer(model) -> str:
+    """Which code dequantizes the fused layers' 4-bit base weights, and why not the kernel."""
+    for module in model.modules():
+        base = module.get_base_layer() if getattr(module, "_loraforge_adapter", None) else None
+        if base is None or not _quantized(base):
+            continue
+        if not base._loraforge_nf4_kernel:
+            return "bitsandbytes (train.nf4_kernel: false)"
+        why = nf4.covered(base.weight.data, base.weight.quant_state)
+        return "one Triton kernel (train.nf4)" if why is None else f"bitsandbytes ({why})"
+    return "none (no fused 4-bit layer)"
 
 
 def _unused_in_recomputation(model) -> dict[int, tuple[str, ...]]:

@@ -256,10 +256,12 @@ class TrainRun:
         if self.checkpointing:
             memory.apply(self.model, self.memory_plan, blocks=fuse)
         if fuse:
-            fused, skipped = fused_lora.apply(self.model)
+            fused, skipped = fused_lora.apply(self.model, nf4_kernel=self.cfg.nf4_kernel)
             groups = fused_lora.group(self.model) if self.cfg.grouped_lora else 0
             shared = f", {groups} groups sharing an input" if groups else ""
             self.accelerations.append(f"fused LoRA: {fused} layers{shared}" + "".join(f", {n} kept PEFT's ({why})" for why, n in skipped.items()))
+            if self.cfg.quantization == "nf4":
+                self.accelerations.append(f"NF4 dequantization: {fused_lora.dequantizer(self.model)}")
         if self.checkpoint:  # full weights, before FSDP shards them
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
