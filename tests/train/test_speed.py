@@ -622,12 +622,16 @@ torch.save(nf4.dequantize(packed, state), sys.argv[2])
 """
 
 
-@pytest.mark.parametrize("dtype,nested,blocksize", [(torch.float16, True, 64), (torch.float32, False, 64), (torch.float32, True, 128), (torch.bfloat16, True, 64)])
-def test_nf4_kernel_equals_the_4bit_format_under_triton_interpreter(dtype, nested, blocksize, tmp_path):
+@pytest.mark.parametrize(
+    "dtype,nested,blocksize,storage",
+    [(torch.float16, True, 64, torch.uint8), (torch.float32, False, 64, torch.uint8), (torch.float32, True, 128, torch.bfloat16), (torch.bfloat16, True, 64, torch.uint8)],
+)
+def test_nf4_kernel_equals_the_4bit_format_under_triton_interpreter(dtype, nested, blocksize, storage, tmp_path):
     """``nf4.dequantize``'s kernel, run by Triton's interpreter on the CPU, against the format's
     definition (bitsandbytes' absmax dequantization, then ``code[nibble] * absmax`` in fp32):
-    every value, the high nibble first, the last partial program, a shape that is not a multiple
-    of the block. Exact in fp16 and fp32; bf16 within one step, because the interpreter
+    every value, the high nibble first, more than one second-level absmax block, the last
+    partial program, a shape that is not a multiple of the block, packed bytes in FSDP's bf16
+    containers. Exact in fp16 and fp32; bf16 within one step, because the interpreter
     truncates fp32 to bf16 where the GPU rounds (the GPU test checks bitwise against
     bitsandbytes' CUDA path)."""
     import subprocess
@@ -638,13 +642,13 @@ def test_nf4_kernel_equals_the_4bit_format_under_triton_interpreter(dtype, neste
     from loraforge.train import nf4
 
     torch.manual_seed(0)
-    w = torch.randn(37, 3 * nf4.BLOCK_BYTES // 16 + 8, dtype=dtype) * 3
-    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
+    w = torch.randn(41, 3 * nf4.BLOCK_BYTES // 4 + 8, dtype=dtype) * 3  # 497 blocks of 64: 2 of 256 blocks
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4", quant_storage=storage)
     torch.save((packed, state), tmp_path / "in.pt")
     subprocess.run([sys.executable, "-c", _INTERPRETED, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True, timeout=120)
     got = torch.load(tmp_path / "out.pt")
     absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
-    flat = packed.reshape(-1)
+    flat = packed.reshape(-1).view(torch.uint8)
     codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[: w.numel()].long()
     expected = (state.code[codes] * absmax.float().repeat_interleave(blocksize)[: w.numel()]).reshape(w.shape).to(dtype)
     assert got.shape == w.shape and got.dtype == dtype
@@ -655,14 +659,20 @@ def test_nf4_kernel_equals_the_4bit_format_under_triton_interpreter(dtype, neste
     assert (got.float() - w.float()).abs().mean() < 0.1 * w.float().abs().mean()  # and it is the weight
 
 
-def test_nf4_dequantize_leaves_what_the_kernel_does_not_cover_to_bitsandbytes():
+def test_nf4_dequantize_leaves_what_the_kernel_does_not_cover_to_bitsandbytes(monkeypatch):
+    pytest.importorskip("triton")
     bnbf = pytest.importorskip("bitsandbytes.functional")
     from loraforge.train import nf4
 
+    monkeypatch.setattr(nf4, "_interpreted", lambda: True)  # the device is not what is checked here
     w = torch.randn(16, 64)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="fp4")
-    assert nf4.covered(packed, state) in ("4-bit type fp4", "not on a CUDA device", "triton is not installed")
+    assert nf4.covered(packed, state) == "4-bit type fp4"
     assert torch.equal(nf4.dequantize(packed, state), bnbf.dequantize_4bit(packed, state))
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert nf4.covered(packed, state) is None
+    assert nf4.covered(packed.reshape(1, -1), state) == "transposed packing"
+    assert nf4.covered(packed[: packed.shape[0] // 2], state) == "fewer packed bytes than values / 2"
 
 
 def test_patches_for_one_model_instance_stay_with_it(monkeypatch):

@@ -73,33 +73,35 @@ def apply_accelerations(model, cfg: TrainConfig, device: torch.device) -> list[s
 
 @contextlib.contextmanager
 def instance_only(model):
-    """Patches meant for ``model`` stay with it. Liger's apply-to-instance also replaces names in
-    the model family's transformers module (``LlamaRMSNorm``, ``LlamaMLP``,
-    ``apply_rotary_pos_emb``) for every model built afterwards in the process, CPU ones
-    included, where its Triton kernels fail. The instance's modules are patched one by one, so
-    the module's classes are put back afterwards; a replaced function, which the instance's own
-    code looks up in the module at each call (the rotary embedding), goes to the new one for
-    CUDA tensors and to the one it replaced for others."""
-    modeling = sys.modules[type(model).__module__]
-    before = dict(vars(modeling))
+    """Patches meant for ``model`` stay with it as far as they can. Liger's apply-to-instance
+    also replaces names in the model family's transformers module (``LlamaRMSNorm``,
+    ``LlamaMLP``, ``apply_rotary_pos_emb``) for every model built afterwards in the process,
+    CPU ones included, where its Triton kernels fail. The instance's modules are patched one
+    by one, so the modules' classes are put back afterwards. A replaced function, which the
+    instance's own code looks up in the module at each call (the rotary embedding), cannot be:
+    it goes to the new one for CUDA tensors and to the one it replaced for others, so a later
+    CUDA model of the family also gets Liger's rotary embedding (the same values)."""
+    modules = {sys.modules[type(m).__module__] for m in model.modules() if type(m).__module__.startswith("transformers.models.")}
+    before = {module: dict(vars(module)) for module in modules}
     try:
         yield
     finally:
-        for name, value in list(vars(modeling).items()):
-            old = before.get(name)
-            if old is None or old is value:
-                continue
-            if isinstance(old, type):
-                setattr(modeling, name, old)
-            elif callable(old):
-                setattr(modeling, name, _on_cuda(value, old))
+        for module, names in before.items():
+            for name, value in list(vars(module).items()):
+                old = names.get(name)
+                if old is None or old is value:
+                    continue
+                if isinstance(old, type):
+                    setattr(module, name, old)
+                elif callable(old):
+                    setattr(module, name, _on_cuda(value, old))
 
 
 def _on_cuda(cuda_fn, other_fn):
     @functools.wraps(other_fn)
     def dispatch(*args, **kwargs):
-        first = args[0] if args else next(iter(kwargs.values()), None)
-        return (cuda_fn if isinstance(first, torch.Tensor) and first.is_cuda else other_fn)(*args, **kwargs)
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        return (cuda_fn if first is not None and first.is_cuda else other_fn)(*args, **kwargs)
 
     return dispatch
 

@@ -6,7 +6,7 @@ setting) those absmax values are themselves 8-bit codes into a 256-entry table, 
 scale per 256 of them, plus one offset. ``bitsandbytes.functional.dequantize_4bit`` undoes
 that in three kernels: the absmax codes to fp32, the offset added, then the weight. The fused
 LoRA layers dequantize each base weight in every forward and backward (QLoRA keeps no dense
-copy), 14 times a layer per step.
+copy), and again where a layer is recomputed: at least 14 times a Llama layer per step.
 
 The kernel here does it in one pass: each program reads its bytes, the absmax codes of their
 blocks and the two small tables, and writes the dense weight; same arithmetic as bitsandbytes
@@ -14,17 +14,20 @@ blocks and the two small tables, and writes the dense weight; same arithmetic as
 the compute dtype), bitwise the same output. Why our own: one launch instead of three and no
 fp32 absmax tensor in memory. On an H200 (``scripts/nf4_probe.py``, Llama-3-8B's weights) it
 takes 0.048-0.052 ms for a gate/up/down weight against bitsandbytes' 0.074-0.080 (2.8-3.1 against
-1.9-2.0 TB/s), 17-18 ms of a QLoRA step's dequantizations against 27-32, and the lean QLoRA step
+1.9-2.0 TB/s), 16-18 ms of a QLoRA step's dequantizations against 27, and the lean QLoRA step
 gains 1.7% (docs/BENCHMARKS.md, issue 7, seventh pass). ``train.nf4_kernel: false`` keeps
 bitsandbytes' own.
 
 Triton is optional: without it, off CUDA, or for a layout the kernel does not cover (another
-4-bit type, an odd block size), ``dequantize`` calls bitsandbytes. On a CPU the kernel runs under
+4-bit type, an odd block size, bitsandbytes' transposed packing, tables on another device),
+``dequantize`` calls bitsandbytes. The NF4 table is the quantization state's (``state.code``,
+from the checkpoint where it was saved), where bitsandbytes' CUDA kernel has it built in. On a CPU the kernel runs under
 Triton's interpreter (``TRITON_INTERPRET=1``), which is how the CPU tests check it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -60,6 +63,13 @@ def covered(data: torch.Tensor, state) -> str | None:
         return "an odd number of values"
     if state.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {state.dtype}"
+    if data.dim() == 2 and data.shape[0] == 1:
+        return "transposed packing"  # bitsandbytes answers it with the transposed weight
+    if data.numel() * data.element_size() < math.prod(state.shape) // 2:
+        return "fewer packed bytes than values / 2"
+    tables = [state.absmax, state.code] + ([state.offset, state.state2.absmax, state.state2.code] if state.nested else [])
+    if any(getattr(t, "device", data.device) != data.device for t in tables):
+        return "quantization state on another device"
     return None
 
 
@@ -86,7 +96,7 @@ def _kernel():
         low = tl.load(nf4_ptr + (byte & 15), mask=ok, other=0.0) * absmax
         values = tl.interleave(high, low)  # value 2i from byte i's high nibble, 2i + 1 from its low
         outs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-        tl.store(out_ptr + outs, values.to(out_ptr.dtype.element_ty), mask=outs < 2 * n_bytes)
+        tl.store(out_ptr + outs, values.to(out_ptr.dtype.element_ty), mask=(outs >> 1) < n_bytes)
 
     return nf4_dequantize
 
@@ -107,9 +117,10 @@ def dequantize(data: torch.Tensor, state, use_kernel: bool = True, block: int = 
     absmax = state.absmax
     code2 = state.state2.code if nested else absmax  # unused when not nested
     scale2 = state.state2.absmax if nested else absmax
-    offset = state.offset.reshape(1).float() if nested else absmax
+    offset = torch.as_tensor(state.offset, dtype=torch.float32, device=data.device).reshape(1) if nested else absmax
     grid = (triton.cdiv(n_bytes, block),)
-    _kernel()[grid](packed, absmax, code2, scale2, offset, state.code.to(data.device, torch.float32), out, n_bytes,
-                    HALF_BLOCK=state.blocksize // 2, BLOCK2=state.state2.blocksize if nested else 1, NESTED=nested,
-                    BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)
+    with torch.cuda.device(data.device) if data.is_cuda else contextlib.nullcontext():  # Triton launches on the current device
+        _kernel()[grid](packed, absmax, code2, scale2, offset, state.code.to(data.device, torch.float32), out, n_bytes,
+                        HALF_BLOCK=state.blocksize // 2, BLOCK2=state.state2.blocksize if nested else 1, NESTED=nested,
+                        BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)
     return out
