@@ -1,7 +1,8 @@
 """GPU micro-benchmark behind train.nf4 (docs/BENCHMARKS.md, issue 7, seventh pass).
 
 Per weight shape of Llama-3-8B (NF4, double quantization, bf16 out, as loraforge's QLoRA loads
-it): ms per dequantization (CUDA events, mean of 100 after warm-up) by bitsandbytes'
+it): ms per dequantization (CUDA events, mean of 100 after warm-up; 10 warm-up calls in the runs of
+BENCHMARKS, 5 since the timing is shared with lora_gemm_probe) by bitsandbytes'
 ``dequantize_4bit`` and by loraforge's kernel, the bandwidth each reaches (packed bytes and
 absmax codes read, bf16 written), whether the two agree bitwise, and per training step (7
 weights a layer, 32 layers, 14 dequantizations a layer). Run on the device:
@@ -13,23 +14,11 @@ import json
 import bitsandbytes.functional as bnbf
 import torch
 
+from lora_gemm_probe import timed  # the probes' CUDA-event timing (scripts/ is on sys.path when run)
 from loraforge.train import nf4
 
 SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
 PER_LAYER = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}
-
-
-def timed(fn, calls: int = 100) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
 
 
 def main() -> None:
@@ -38,8 +27,8 @@ def main() -> None:
         w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         ms = {
-            "bitsandbytes": timed(lambda: bnbf.dequantize_4bit(packed, state)),
-            "loraforge": timed(lambda: nf4.dequantize(packed, state)),
+            "bitsandbytes": timed(lambda: bnbf.dequantize_4bit(packed, state), calls=100),
+            "loraforge": timed(lambda: nf4.dequantize(packed, state), calls=100),
         }
         moved = w.numel() / 2 + state.absmax.numel() + w.numel() * 2  # bytes read and written
         rows[name] = {
@@ -57,7 +46,7 @@ def main() -> None:
             for name, shape in SHAPES.items():
                 w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
                 packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-                total += timed(lambda: nf4.dequantize(packed, state, block=block, num_warps=warps)) * PER_LAYER[name] * 2 * 32
+                total += timed(lambda: nf4.dequantize(packed, state, block=block, num_warps=warps), calls=100) * PER_LAYER[name] * 2 * 32
             sweep[f"block {block}, {warps} warps"] = round(total, 2)
     print("per step by program size (ms):", json.dumps(sweep))
 
