@@ -21,8 +21,9 @@ bitsandbytes' own.
 Triton is optional: without it, off CUDA, or for a layout the kernel does not cover (another
 4-bit type, an odd block size, bitsandbytes' transposed packing, tables on another device),
 ``dequantize`` calls bitsandbytes. The NF4 table is the quantization state's (``state.code``,
-from the checkpoint where it was saved), where bitsandbytes' CUDA kernel has it built in. On a CPU the kernel runs under
-Triton's interpreter (``TRITON_INTERPRET=1``), which is how the CPU tests check it.
+from the checkpoint where it was saved), where bitsandbytes' CUDA kernel has it built in. On a
+CPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``), which is how the CPU
+tests check it.
 """
 
 from __future__ import annotations
