@@ -616,24 +616,20 @@ import os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its own jit functions too
 import torch
 from loraforge.train import nf4
-packed, state = torch.load(sys.argv[1], weights_only=False)
-assert nf4.covered(packed, state) is None, nf4.covered(packed, state)
-torch.save(nf4.dequantize(packed, state), sys.argv[2])
+outputs = []
+for packed, state in torch.load(sys.argv[1], weights_only=False):
+    assert nf4.covered(packed, state) is None, nf4.covered(packed, state)
+    outputs.append(nf4.dequantize(packed, state))
+torch.save(outputs, sys.argv[2])
 """
+_NF4_CASES = [(torch.float16, True, 64, torch.uint8), (torch.float32, False, 64, torch.uint8), (torch.float32, True, 128, torch.bfloat16), (torch.bfloat16, True, 64, torch.uint8)]
 
 
-@pytest.mark.parametrize(
-    "dtype,nested,blocksize,storage",
-    [(torch.float16, True, 64, torch.uint8), (torch.float32, False, 64, torch.uint8), (torch.float32, True, 128, torch.bfloat16), (torch.bfloat16, True, 64, torch.uint8)],
-)
-def test_nf4_kernel_equals_the_4bit_format_under_triton_interpreter(dtype, nested, blocksize, storage, tmp_path):
-    """``nf4.dequantize``'s kernel, run by Triton's interpreter on the CPU, against the format's
-    definition (bitsandbytes' absmax dequantization, then ``code[nibble] * absmax`` in fp32):
-    every value, the high nibble first, more than one second-level absmax block, the last
-    partial program, a shape that is not a multiple of the block, packed bytes in FSDP's bf16
-    containers. Exact in fp16 and fp32; bf16 within one step, because the interpreter
-    truncates fp32 to bf16 where the GPU rounds (the GPU test checks bitwise against
-    bitsandbytes' CUDA path)."""
+@pytest.fixture(scope="module")
+def nf4_interpreted(tmp_path_factory):
+    """Each case's weight, its 4-bit form and ``nf4.dequantize``'s output under Triton's
+    interpreter: one subprocess for every case (the interpreter must be asked for before
+    triton is imported; importing torch and triton takes most of its time)."""
     import subprocess
     import sys
 
@@ -642,11 +638,29 @@ def test_nf4_kernel_equals_the_4bit_format_under_triton_interpreter(dtype, neste
     from loraforge.train import nf4
 
     torch.manual_seed(0)
-    w = torch.randn(41, 3 * nf4.BLOCK_BYTES // 4 + 8, dtype=dtype) * 3  # 497 blocks of 64: 2 of 256 blocks
-    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4", quant_storage=storage)
-    torch.save((packed, state), tmp_path / "in.pt")
-    subprocess.run([sys.executable, "-c", _INTERPRETED, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], check=True, timeout=120)
-    got = torch.load(tmp_path / "out.pt")
+    cases = []
+    for dtype, nested, blocksize, storage in _NF4_CASES:
+        w = torch.randn(41, 3 * nf4.BLOCK_BYTES // 4 + 8, dtype=dtype) * 3  # 497 blocks of 64: 2 of 256 blocks
+        cases.append((w, *bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4", quant_storage=storage)))
+    folder = tmp_path_factory.mktemp("nf4")
+    torch.save([(packed, state) for _, packed, state in cases], folder / "in.pt")
+    subprocess.run([sys.executable, "-c", _INTERPRETED, str(folder / "in.pt"), str(folder / "out.pt")], check=True, timeout=300)
+    return [(*case, got) for case, got in zip(cases, torch.load(folder / "out.pt"))]
+
+
+@pytest.mark.parametrize("case", range(len(_NF4_CASES)), ids=[f"{d}-nested={n}-block{b}-{s}".replace("torch.", "") for d, n, b, s in _NF4_CASES])
+def test_nf4_kernel_equals_the_4bit_format_under_triton_interpreter(nf4_interpreted, case):
+    """``nf4.dequantize``'s kernel, run by Triton's interpreter on the CPU, against the format's
+    definition (bitsandbytes' absmax dequantization, then ``code[nibble] * absmax`` in fp32):
+    every value, the high nibble first, more than one second-level absmax block, the last
+    partial program, a shape that is not a multiple of the block, packed bytes in FSDP's bf16
+    containers. Exact in fp16 and fp32; bf16 within one step, because the interpreter
+    truncates fp32 to bf16 where the GPU rounds (the GPU test checks bitwise against
+    bitsandbytes' CUDA path)."""
+    import bitsandbytes.functional as bnbf
+
+    w, packed, state, got = nf4_interpreted[case]
+    dtype, nested, blocksize, _ = _NF4_CASES[case]
     absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
     flat = packed.reshape(-1).view(torch.uint8)
     codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[: w.numel()].long()
