@@ -13,7 +13,6 @@ def train_config(model_dir, data, out, **overrides):
     return load_config(overrides=base)
 
 
-
 class KernelCalls(TorchDispatchMode):
     """Counts the calls of the named aten / custom ops that really run (a mode entered later
     that answers a call itself hides it from this one)."""

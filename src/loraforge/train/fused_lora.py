@@ -68,10 +68,12 @@ def _quantized(base) -> bool:
 
 def _dense_weight(base) -> torch.Tensor:
     """The base layer's weight as a dense (out, in) tensor (NF4 dequantized on the fly, by
-    ``nf4``'s kernel where ``apply`` asked for it, else by bitsandbytes)."""
+    ``nf4``'s kernel where ``apply`` found it can, else by bitsandbytes)."""
     if not _quantized(base):
         return base.weight
-    return nf4.dequantize(base.weight.data, base.weight.quant_state, getattr(base, "_loraforge_nf4_kernel", False))
+    if getattr(base, "_loraforge_nf4_off", "not fused") is None:
+        return nf4.dequantize_covered(base.weight.data, base.weight.quant_state)
+    return nf4.dequantize(base.weight.data, base.weight.quant_state, use_kernel=False)
 
 
 def _mm_to(m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -271,7 +273,9 @@ def apply(model, nf4_kernel: bool = True) -> tuple[int, dict[str, int]]:
         module._loraforge_adapter = next(iter(module.lora_A.keys()))
         module._loraforge_unused_in = unused_in.get(id(module), ())
         module._loraforge_group = None
-        module.get_base_layer()._loraforge_nf4_kernel = nf4_kernel
+        base = module.get_base_layer()
+        if _quantized(base):  # why not the kernel (None: it), decided once: the weights stay where they are
+            base._loraforge_nf4_off = nf4.covered(base.weight.data, base.weight.quant_state) if nf4_kernel else "train.nf4_kernel: false"
         module._loraforge_peft_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
         fused += 1
@@ -306,10 +310,7 @@ def dequantizer(model) -> str:
         base = module.get_base_layer() if getattr(module, "_loraforge_adapter", None) else None
         if base is None or not _quantized(base):
             continue
-        if not base._loraforge_nf4_kernel:
-            return "bitsandbytes (train.nf4_kernel: false)"
-        why = nf4.covered(base.weight.data, base.weight.quant_state)
-        return "one Triton kernel (train.nf4)" if why is None else f"bitsandbytes ({why})"
+        return "one Triton kernel (train.nf4)" if base._loraforge_nf4_off is None else f"bitsandbytes ({base._loraforge_nf4_off})"
     return "none (no fused 4-bit layer)"
 
 
